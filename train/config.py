@@ -1,0 +1,143 @@
+"""Training configuration: dataclass defaults, YAML overrides, command-line overrides.
+
+Every default lives here with a one-line reason. A YAML file holds only overrides; the command line then
+overrides both with `--section.key=value`. Parsing and type checking are OmegaConf's structured configs:
+an unknown key or a value of the wrong type is an error, never ignored.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipelines.recipe import PirlRecipe
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # folder written by tools/make_shards.py (tars, .idx files, manifest.json)
+    backend: str = "reference"  # a key of pipelines.BACKENDS
+    batch_size: int = 32  # per process; the paper uses 32 per GPU x 32 GPUs (supplement A)
+    num_workers: int = 4  # DataLoader workers per process
+    recipe: PirlRecipe = field(default_factory=PirlRecipe)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # the paper's trunk; resnet18 for CPU runs
+    embed_dim: int = 128  # output of heads f and g (paper section 2.3)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "nce"  # "nce": binary NCE of eq. 3-4 with Wu et al.'s constant Z; "infonce": softmax form (ref)
+    lam: float = 0.5  # lambda of eq. 5 (paper section 2.2); 0 gives NPID++
+    tau: float = 0.07  # temperature of eq. 3 (paper section 2.4)
+    num_negatives: int = 32000  # N of eq. 3 (paper section 3); ablations use 4,096
+    shared_negatives: bool = False  # False: the paper's per-sample draws; True: one draw per batch
+    bank_momentum: float = 0.5  # EMA weight of the memory bank (paper section 2.4)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 800  # paper section 3.1 (longest schedule)
+    lr: float = 0.12  # at reference_batch; scaled linearly with the global batch (supplement A)
+    final_lr: float = 0.00012  # end of the cosine decay, also at reference_batch (supplement A)
+    reference_batch: int = 1024  # the global batch the two learning rates above are quoted for
+    momentum: float = 0.9  # SGD momentum (supplement A)
+    weight_decay: float = 1e-4  # (supplement A)
+    warmup_epochs: float = 0.0  # linear warm-up from 0; the paper uses none
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/pirl"  # checkpoints, config.yaml, log.jsonl and TensorBoard events go here
+    seed: int = 0  # model init, negative draws, augmentation streams
+    log_every: int = 10  # steps between host syncs for the progress bar and logs
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    max_steps: int = -1  # stop after this many global steps (a budget for smoke runs); -1 = the whole schedule
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    channels_last: bool = False  # NHWC memory format for the trunk (faster convolutions on recent GPUs)
+    cpu: bool = False  # force CPU even where a GPU is present
+    tensorboard: bool = True  # write TensorBoard events next to log.jsonl
+
+
+@dataclass
+class PirlConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+def _overrides_to_dotlist(overrides: Sequence[str]) -> list[str]:
+    """`--optim.lr=0.3` or `--optim.lr 0.3` -> `optim.lr=0.3`."""
+    dotlist: list[str] = []
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) <= 2:
+            raise ConfigError(f"expected an override like --section.key=value, got {item!r}")
+        body = item[2:]
+        if "=" not in body:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ConfigError(f"override {item!r} has no value (use {item}=VALUE)")
+            body = f"{body}={items[i + 1]}"
+            i += 1
+        dotlist.append(body)
+        i += 1
+    return dotlist
+
+
+def load_config(schema: type, config_path: str | None, overrides: Sequence[str]) -> Any:
+    """Defaults from `schema`, then the YAML file, then the overrides; returns a `schema` instance."""
+    merged = OmegaConf.structured(schema)
+    try:
+        if config_path is not None:
+            path = Path(config_path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_overrides_to_dotlist(overrides)))
+    except OmegaConfBaseException as exc:
+        where = f" (in {config_path} or the command line)" if config_path else ""
+        raise ConfigError(f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}{where}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required config values: {', '.join(missing)} (set e.g. --{missing[0]}=...)")
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def parse_args(argv: Sequence[str] | None, description: str) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Any config value can be overridden as --section.key=value, e.g. --optim.lr=0.3 --data.batch_size=64.",
+    )
+    parser.add_argument("--config", help="YAML file of overrides (see train/configs/)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue a run: a checkpoint path, or no value for the latest checkpoint in run.out_dir",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_known_args(argv)

@@ -1,0 +1,142 @@
+"""Linear probe: a frozen trunk's pooled res5 features -> a linear classifier; prints and writes top-1.
+
+    python train/linear_probe.py --checkpoint=runs/pirl/checkpoints/step_000001000.pt \
+        --train_shards=shards/train --test_shards=shards/test --output=runs/pirl/probe.json
+    python train/linear_probe.py --arch=resnet18 --image_size=112 ...   # no checkpoint: random-init baseline
+
+Features are extracted once (resize + centre crop, no augmentation) and standardised with the training set's
+statistics; the classifier is multinomial logistic regression trained with Adam on the cached features.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+import pipelines
+from model.trunk import build_trunk
+from pipelines.recipe import PirlRecipe
+from train import checkpoint
+from train.config import ConfigError, load_config, parse_args
+
+
+@dataclass
+class ProbeConfig:
+    train_shards: str = ""  # labelled shards the classifier is fitted on (required)
+    test_shards: str = ""  # labelled shards top-1 is measured on (required)
+    checkpoint: str = ""  # a train/pirl.py checkpoint; empty = a randomly initialised trunk (the baseline)
+    arch: str = ""  # trunk architecture; empty = the checkpoint's (resnet50 without a checkpoint)
+    image_size: int = 0  # centre-crop size; 0 = the checkpoint's recipe.image_size (224 without one)
+    backend: str = "reference"  # a key of pipelines.BACKENDS
+    batch_size: int = 64  # feature-extraction batch
+    num_workers: int = 2
+    epochs: int = 100  # passes of the classifier over the cached features
+    lr: float = 1e-3  # Adam on standardised features
+    weight_decay: float = 5e-4  # L2 on the classifier weights
+    seed: int = 0  # trunk init (random baseline) and classifier init/order
+    output: str = ""  # JSON result path; empty = print only
+
+
+def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
+    recipe_fields: dict = {}
+    arch = cfg.arch or "resnet50"
+    torch.manual_seed(cfg.seed)
+    if cfg.checkpoint:
+        state = checkpoint.load(cfg.checkpoint)
+        arch = cfg.arch or state["config"]["model"]["arch"]
+        recipe_fields = state["config"]["data"]["recipe"]
+    trunk, _ = build_trunk(arch)
+    if cfg.checkpoint:
+        prefix = "trunk."
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        trunk.load_state_dict(weights)
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PirlRecipe), recipe_fields))
+    if cfg.image_size:
+        recipe.image_size = cfg.image_size
+    return trunk.eval(), arch, recipe
+
+
+@torch.no_grad()
+def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeConfig, what: str):
+    loader = pipelines.make_loader(
+        cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers, mode="eval"
+    )
+    if not loader.labelled:
+        raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
+    loader.set_epoch(0)
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=f"features ({what})", unit="batch", leave=False):
+        feats.append(trunk(batch["image"]).float())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels), len(loader.classes or [])
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: ProbeConfig) -> torch.nn.Linear:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    clf = torch.nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = 256
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch):
+            rows = order[start : start + batch]
+            loss = F.cross_entropy(clf(x[rows]), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf
+
+
+def top1(clf: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (clf(x).argmax(1) == y).float().mean().item()
+
+
+def probe(cfg: ProbeConfig) -> dict:
+    if not cfg.train_shards or not cfg.test_shards:
+        raise ConfigError("train_shards and test_shards are required")
+    trunk, arch, recipe = load_trunk(cfg)
+    x_train, y_train, num_classes = extract(trunk, cfg.train_shards, recipe, cfg, "train")
+    x_test, y_test, _ = extract(trunk, cfg.test_shards, recipe, cfg, "test")
+    num_classes = max(num_classes, int(y_train.max()) + 1, int(y_test.max()) + 1)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # random trunks give features of any scale
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    clf = fit_linear(x_train, y_train, num_classes, cfg)
+    result = {
+        "top1": top1(clf, x_test, y_test),
+        "train_top1": top1(clf, x_train, y_train),
+        "trunk": cfg.checkpoint or "random-init",
+        "arch": arch,
+        "image_size": recipe.image_size,
+        "num_train": len(x_train),
+        "num_test": len(x_test),
+        "num_classes": num_classes,
+        "feature_dim": x_train.shape[1],
+    }
+    print(f"linear probe ({result['trunk']}, {arch} @ {recipe.image_size}px): top-1 {result['top1']:.2f}% "
+          f"on {len(x_test)} test images (train {result['train_top1']:.2f}%)")
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args, overrides = parse_args(argv, description=__doc__.splitlines()[0])
+    try:
+        cfg = load_config(ProbeConfig, args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return probe(cfg)
+
+
+if __name__ == "__main__":
+    main()

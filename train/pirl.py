@@ -1,0 +1,250 @@
+"""PIRL pretraining: `accelerate launch train/pirl.py --config train/configs/NAME.yaml [--section.key=value ...]`.
+
+One loop, top to bottom: set-up, then for each step: data, forward, negatives from the memory bank, loss,
+backward, optimiser step, bank update. Host syncs (`.item()`) happen on log steps only.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import pad_across_processes
+from torch.profiler import record_function
+from tqdm import tqdm
+
+import pipelines
+from model.losses import estimate_log_z, pirl_loss
+from model.memory_bank import MemoryBank
+from model.pirl import PIRLNet
+from train import checkpoint
+from train.config import ConfigError, PirlConfig, load_config, parse_args, to_dict, to_yaml
+from train.run_log import RunLog
+from train.schedule import lr_factor, scaled_lr
+
+
+def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tensor):
+    """Every rank's (index, features), so each replica of the bank applies the same update.
+
+    Last batches may differ in size by one across ranks: pad with index -1, gather, drop the padding.
+    """
+    if accelerator.num_processes == 1:
+        return index, feats
+    index = pad_across_processes(index, dim=0, pad_index=-1)
+    feats = pad_across_processes(feats, dim=0, pad_index=0)
+    index, feats = accelerator.gather(index), accelerator.gather(feats)
+    keep = index >= 0
+    return index[keep], feats[keep]
+
+
+def build_loader(cfg: PirlConfig, accelerator: Accelerator):
+    return pipelines.make_loader(
+        cfg.data.backend,
+        cfg.data.shards,
+        cfg.data.recipe,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.run.seed,
+        mode="pretrain",
+    )
+
+
+def train(cfg: PirlConfig, resume: str | None = None) -> dict:
+    """Runs the configured schedule (or up to run.max_steps); returns the final step's logged record."""
+    cfg.data.recipe.validate()
+    if cfg.loss.kind not in ("nce", "infonce"):
+        raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
+    accelerator = Accelerator(cpu=cfg.run.cpu)
+    device = accelerator.device
+    out_dir = Path(cfg.run.out_dir)
+    torch.manual_seed(cfg.run.seed)  # same on every rank: identical initial weights and bank
+
+    loader = build_loader(cfg, accelerator)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    global_batch = cfg.data.batch_size * accelerator.num_processes
+
+    net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.num_patches)
+    if cfg.run.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    bank = MemoryBank(loader.num_samples, cfg.model.embed_dim).to(device)
+    peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    final_ratio = cfg.optim.final_lr / cfg.optim.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, final_ratio)
+    )
+    # Per-rank streams for the heads' patch order and the negative draws, saved in checkpoints.
+    generators = {"heads": torch.Generator(device=device), "negatives": torch.Generator(device=device)}
+    for offset, g in enumerate(generators.values()):
+        g.manual_seed(cfg.run.seed * 1000 + 2 * accelerator.process_index + offset + 1)
+    log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
+
+    global_step = 0
+    if resume is not None:
+        path = checkpoint.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / checkpoint.CHECKPOINT_DIR}")
+        state = checkpoint.load(path)
+        if state["num_samples"] != loader.num_samples:
+            raise ValueError(
+                f"{path} was trained on {state['num_samples']} samples, {cfg.data.shards} holds {loader.num_samples}"
+            )
+        if state["world_size"] != accelerator.num_processes:
+            accelerator.print(
+                f"warning: {path} was written by {state['world_size']} processes, resuming on "
+                f"{accelerator.num_processes}: the data order of the current epoch restarts from its beginning"
+            )
+        net.load_state_dict(state["model"])
+        bank.load_state_dict(state["bank"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log_z = state["log_z"]
+        global_step = state["step"]
+        checkpoint.restore_rng_state(state["rng"], generators)
+        accelerator.print(f"resumed from {path} at step {global_step}")
+
+    net, optimizer = accelerator.prepare(net, optimizer)
+    log_z = log_z.to(device)
+    need_log_z = cfg.loss.kind == "nce" and bool(torch.isnan(log_z))
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    run_log = RunLog(out_dir, cfg.run.tensorboard) if accelerator.is_main_process else None
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {
+                "model": accelerator.unwrap_model(net).state_dict(),
+                "bank": bank.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "log_z": log_z.cpu(),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "step_in_epoch": step % steps_per_epoch,
+                "world_size": accelerator.num_processes,
+                "num_samples": loader.num_samples,
+                "rng": checkpoint.rng_state(generators),
+                "config": to_dict(cfg),
+            }
+            checkpoint.save_atomic(state, checkpoint.checkpoint_path(out_dir, step))
+
+    last_step = total_steps if cfg.run.max_steps < 0 else min(total_steps, cfg.run.max_steps)
+    progress = tqdm(
+        total=last_step, initial=global_step, disable=not accelerator.is_main_process, unit="step", dynamic_ncols=True
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16)
+    window = {"loss": 0.0, "loss_jigsaw": 0.0, "loss_image": 0.0}
+    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+    record: dict = {}
+    net.train()
+    start_epoch, start_in_epoch = divmod(global_step, steps_per_epoch)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if global_step >= last_step:
+            break
+        loader.set_epoch(epoch, start_step=start_in_epoch if epoch == start_epoch else 0)
+        batches = iter(loader)
+        while global_step < last_step:
+            wait_start = time.perf_counter()
+            with record_function("data_wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            data_wait += time.perf_counter() - wait_start
+            with record_function("to_device"):
+                image = batch["image"].to(device, non_blocking=True)
+                patches = batch["patches"].to(device, non_blocking=True)
+                index = batch["index"].to(device, non_blocking=True)
+                if cfg.run.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+
+            with autocast:
+                f_img, g_jig = net(image, patches, generator=generators["heads"])  # (B, 128) each, unit norm
+            f_img, g_jig = f_img.float(), g_jig.float()
+            with record_function("negatives_draw"):
+                neg_rows = bank.draw_negatives(
+                    index, cfg.loss.num_negatives, shared=cfg.loss.shared_negatives, generator=generators["negatives"]
+                )
+            bank_pos = bank.fetch(index)  # (B, 128): m_I
+            bank_neg = bank.fetch(neg_rows)  # (B, K, 128): m_I'
+            if need_log_z:
+                with torch.no_grad():
+                    pos = (f_img * bank_pos).sum(-1)
+                    neg = torch.einsum("bd,bkd->bk", f_img, bank_neg)
+                    log_z = accelerator.reduce(estimate_log_z(pos, neg, cfg.loss.tau, loader.num_samples), "mean")
+                need_log_z = False
+            with record_function("loss"):
+                losses = pirl_loss(
+                    bank_pos, g_jig, f_img, bank_neg,
+                    lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
+                    log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
+                )
+            with record_function("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(losses["loss"])
+            with record_function("optimizer"):
+                optimizer.step()
+                scheduler.step()
+            with record_function("bank_update"):
+                rows, feats = gather_rows(accelerator, index, f_img.detach())
+                bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+
+            global_step += 1
+            window_steps += 1
+            for key in window:
+                window[key] += losses[key].detach()
+            if global_step % cfg.run.log_every == 0 or global_step == last_step:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": global_step, "epoch": epoch}
+                record.update({k: float(v) / window_steps for k, v in window.items()})
+                record["lr"] = scheduler.get_last_lr()[0]
+                record["img_per_s"] = window_steps * global_batch / elapsed
+                record["data_wait_frac"] = data_wait / elapsed
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {global_step}")
+                if run_log is not None:
+                    run_log.write(record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
+                    data_wait=f"{100 * record['data_wait_frac']:.0f}%",
+                )
+                window = {k: 0.0 for k in window}
+                window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+            progress.update(1)
+            if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
+                save(global_step)
+    save(global_step)
+    progress.close()
+    if run_log is not None:
+        run_log.close()
+    accelerator.print(f"done: step {global_step}, checkpoint {checkpoint.checkpoint_path(out_dir, global_step)}")
+    accelerator.end_training()
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args, overrides = parse_args(argv, description=__doc__.splitlines()[0])
+    try:
+        cfg = load_config(PirlConfig, args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg))
+        return None
+    return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
