@@ -126,18 +126,22 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def parse_args(argv: Sequence[str] | None, description: str) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(
+    argv: Sequence[str] | None, description: str, resumable: bool = True
+) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=description,
+        allow_abbrev=False,  # `--res` must not silently mean `--resume`
         epilog="Any config value can be overridden as --section.key=value, e.g. --optim.lr=0.3 --data.batch_size=64.",
     )
     parser.add_argument("--config", help="YAML file of overrides (see train/configs/)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue a run: a checkpoint path, or no value for the latest checkpoint in run.out_dir",
-    )
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            nargs="?",
+            const="latest",
+            default=None,
+            help="continue a run: a checkpoint path, or no value for the latest checkpoint in run.out_dir",
+        )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)

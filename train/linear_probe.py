@@ -129,7 +129,7 @@ def probe(cfg: ProbeConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    args, overrides = parse_args(argv, description=__doc__.splitlines()[0])
+    args, overrides = parse_args(argv, description=__doc__.splitlines()[0], resumable=False)
     try:
         cfg = load_config(ProbeConfig, args.config, overrides)
     except ConfigError as exc:

@@ -1,0 +1,54 @@
+import pytest
+
+from train.config import ConfigError, PirlConfig, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_yaml_then_cli_precedence(tmp_path):
+    path = write(tmp_path, "data:\n  shards: /s\n  batch_size: 8\noptim:\n  lr: 0.2\n")
+    cfg = load_config(PirlConfig, path, ["--optim.lr=0.3", "--model.arch", "resnet18"])
+    assert cfg.data.shards == "/s"
+    assert cfg.data.batch_size == 8  # YAML over default
+    assert cfg.optim.lr == 0.3  # command line over YAML
+    assert cfg.model.arch == "resnet18"
+    assert cfg.optim.momentum == 0.9 and cfg.loss.tau == 0.07  # untouched defaults
+    assert cfg.data.recipe.patch_size == 64
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, needle",
+    [
+        ("data:\n  shards: /s\n  batch_szie: 8\n", [], "batch_szie"),  # typo in YAML
+        ("data:\n  shards: /s\n", ["--optim.learning_rate=0.1"], "learning_rate"),  # typo on the CLI
+        ("data:\n  shards: /s\n", ["--data.recipe.patch_sise=32"], "patch_sise"),  # nested typo
+        ("data:\n  shards: /s\n", ["--data.batch_size=many"], "many"),  # wrong type
+        ("data:\n  shards: /s\n", ["--optim.lr"], "no value"),  # missing value
+        ("data:\n  shards: /s\n", ["optim.lr=1"], "--section.key=value"),  # not an override
+        ("model:\n  arch: resnet18\n", [], "data.shards"),  # required value missing
+    ],
+)
+def test_bad_config_is_an_error_naming_the_key(tmp_path, yaml_text, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(PirlConfig, write(tmp_path, yaml_text), overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(PirlConfig, str(tmp_path / "nope.yaml"), [])
+
+
+@pytest.mark.parametrize("name", ["imagenet_r50.yaml", "cpu_small.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "train" / "configs" / name
+    cfg = load_config(PirlConfig, str(path), ["--data.shards=/s"])
+    cfg.data.recipe.validate()
+    if name == "imagenet_r50.yaml":  # the paper's recipe: 32 x 32 GPUs, 800 epochs, ResNet-50, 32k negatives
+        assert (cfg.data.batch_size, cfg.optim.epochs, cfg.model.arch) == (32, 800, "resnet50")
+        assert (cfg.optim.lr, cfg.optim.final_lr, cfg.loss.num_negatives) == (0.12, 0.00012, 32000)
