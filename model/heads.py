@@ -1,0 +1,53 @@
+"""Projection heads f (image) and g (jigsaw) of PIRL, section 2.3 and supplement A."""
+
+import torch
+import torch.nn as nn
+
+
+class ImageHead(nn.Module):
+    """f: one linear projection of the pooled res5 feature, (B, in_dim) -> (B, out_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class JigsawHead(nn.Module):
+    """g: a linear projection per patch, the patch vectors concatenated in a random order, a second linear.
+
+    (B, num_patches, in_dim) -> (B, out_dim). The order is drawn afresh for every sample on every call
+    (paper section 2.3, step 4): the patches arrive in grid order and this head is where the jigsaw
+    shuffle happens, so the representation cannot rely on where a patch came from.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, num_patches: int = 9):
+        super().__init__()
+        self.num_patches = num_patches
+        self.patch_proj = nn.Linear(in_dim, out_dim)  # shared by all patches
+        self.mix = nn.Linear(num_patches * out_dim, out_dim)  # 9 * 128 = 1152 -> 128 in the paper
+
+    def sample_orders(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(batch, num_patches) int64: row b is a uniformly random permutation of the patch slots.
+
+        argsort of i.i.d. uniforms is a uniform permutation (ties have probability ~0) and needs no loop.
+        A given generator must live on `device`.
+        """
+        noise = torch.rand(batch, self.num_patches, generator=generator, device=device)
+        return torch.argsort(noise, dim=1)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.num_patches:
+            raise ValueError(
+                f"JigsawHead expects (B, {self.num_patches}, D) patch features, got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        h = self.patch_proj(x)  # (B, 9, out)
+        order = self.sample_orders(batch, x.device, generator)  # (B, 9)
+        # (B, 9, out): slot j of sample b holds patch order[b, j]
+        shuffled = torch.gather(h, 1, order.unsqueeze(-1).expand_as(h))
+        return self.mix(shuffled.reshape(batch, -1))  # (B, 9*out) -> (B, out)

@@ -1,0 +1,61 @@
+"""PIRLNet: one trunk shared by the image view I and the jigsaw view It, plus the heads f and g."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from model.heads import ImageHead, JigsawHead
+from model.trunk import build_trunk
+
+
+class PIRLNet(nn.Module):
+    """Trunk + heads of PIRL (paper section 2.3, figure 3).
+
+    forward(image (B, 3, S, S), patches (B, num_patches, 3, P, P)) -> (f_img, g_jig), both (B, embed_dim)
+    and L2-normalised, since the loss scores pairs by cosine similarity (paper eq. 3).
+    The trunk is shared: the patches are scored by the same weights as the image.
+    """
+
+    def __init__(self, arch: str = "resnet50", embed_dim: int = 128, num_patches: int = 9):
+        super().__init__()
+        self.trunk, self.feature_dim = build_trunk(arch)
+        self.num_patches = num_patches
+        self.image_head = ImageHead(self.feature_dim, embed_dim)
+        self.jigsaw_head = JigsawHead(self.feature_dim, embed_dim, num_patches)
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled res5 features, the input of the linear probe (heads are dropped for transfer)."""
+        return self.trunk(image)
+
+    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) L2-normalised f(v_I) alone: all that NPID++ (lambda = 0) and bank refreshes need."""
+        return F.normalize(self.image_head(self.trunk(image)), dim=1)
+
+    def forward(
+        self, image: torch.Tensor, patches: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if patches.dim() != 5 or patches.shape[1] != self.num_patches:
+            raise ValueError(
+                f"patches must be (B, {self.num_patches}, C, P, P), got {tuple(patches.shape)}"
+            )
+        batch, num, channels, height, width = patches.shape
+        if batch != image.shape[0]:
+            raise ValueError(f"image batch {image.shape[0]} != patches batch {batch}")
+
+        with record_function("trunk_image"):
+            v_img = self.trunk(image)  # (B, D)
+
+        with record_function("trunk_patches"):
+            # All B*9 patches in one trunk call: one large batch keeps the device busy where nine small
+            # ones would not. reshape (not view) accepts any input strides.
+            flat = patches.reshape(batch * num, channels, height, width)
+            if image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous():
+                # Follow a channels_last caller, so both trunk passes run in the same memory format.
+                flat = flat.contiguous(memory_format=torch.channels_last)
+            v_patches = self.trunk(flat).reshape(batch, num, self.feature_dim)  # (B, 9, D)
+
+        with record_function("heads"):
+            f_img = F.normalize(self.image_head(v_img), dim=1)  # (B, embed_dim)
+            g_jig = F.normalize(self.jigsaw_head(v_patches, generator), dim=1)  # (B, embed_dim)
+        return f_img, g_jig

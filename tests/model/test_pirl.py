@@ -1,0 +1,106 @@
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model.pirl import PIRLNet
+
+B, S, P, EMBED = 2, 32, 16, 16
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return PIRLNet("resnet18", embed_dim=EMBED).eval()
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, S, S, generator=g), torch.randn(B, 9, 3, P, P, generator=g)
+
+
+def test_attributes(net):
+    assert net.feature_dim == 512
+    assert net.image_head.proj.in_features == 512
+    assert net.jigsaw_head.patch_proj.in_features == 512
+
+
+@torch.no_grad()
+def test_forward_shapes_and_unit_norm(net):
+    f_img, g_jig = net(*_inputs())
+    assert f_img.shape == g_jig.shape == (B, EMBED)
+    torch.testing.assert_close(f_img.norm(dim=1), torch.ones(B))
+    torch.testing.assert_close(g_jig.norm(dim=1), torch.ones(B))
+
+
+@torch.no_grad()
+def test_features_and_image_embedding(net):
+    image, patches = _inputs()
+    assert net.features(image).shape == (B, 512)
+    f_img, _ = net(image, patches)
+    torch.testing.assert_close(net.image_embedding(image), f_img)
+
+
+@torch.no_grad()
+def test_batched_patches_equal_per_patch_trunk(net):
+    # eval mode: BN uses running statistics, so batching cannot change per-patch outputs.
+    image, patches = _inputs()
+    _, g_jig = net(image, patches, generator=torch.Generator().manual_seed(5))
+    per_patch = torch.stack(
+        [torch.cat([net.trunk(patches[b, i : i + 1]) for i in range(9)]) for b in range(B)]
+    )  # (B, 9, D), one trunk call per patch
+    expected = torch.nn.functional.normalize(
+        net.jigsaw_head(per_patch, torch.Generator().manual_seed(5)), dim=1
+    )
+    torch.testing.assert_close(g_jig, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_channels_last_inputs_match(net):
+    image, patches = _inputs()
+    ref = net(image, patches, generator=torch.Generator().manual_seed(1))
+    image_cl = image.contiguous(memory_format=torch.channels_last)
+    flat_cl = patches.reshape(B * 9, 3, P, P).contiguous(memory_format=torch.channels_last)
+    patches_cl = flat_cl.view(B, 9, 3, P, P)
+    out = net(image_cl, patches_cl, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_patches_take_one_trunk_call(net):
+    shapes = []
+    hook = net.trunk.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        net(*_inputs())
+    finally:
+        hook.remove()
+    assert shapes == [(B, 3, S, S), (B * 9, 3, P, P)]
+
+
+def test_wrong_patch_shape_raises(net):
+    image, patches = _inputs()
+    with pytest.raises(ValueError, match="patches must be"):
+        net(image, patches[:, :8])
+    with pytest.raises(ValueError, match="batch"):
+        net(image[:1], patches)
+
+
+def test_gradients_reach_trunk_from_both_heads():
+    torch.manual_seed(0)
+    model = PIRLNet("resnet18", embed_dim=EMBED).train()
+    f_img, g_jig = model(*_inputs())
+    f_img.sum().backward(retain_graph=True)
+    assert model.jigsaw_head.mix.weight.grad is None
+    assert model.trunk.conv1.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    g_jig.sum().backward()
+    assert model.image_head.proj.weight.grad is None
+    assert model.trunk.conv1.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_phases_are_profiled(net):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(*_inputs())
+    names = {e.name for e in prof.events()}
+    assert {"trunk_image", "trunk_patches", "heads"} <= names
