@@ -1,0 +1,167 @@
+import dataclasses
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+import pipelines
+from pipelines import batch as B
+from pipelines.batch import check_batch
+from pipelines.geometry import cut_patches
+from pipelines.shard_index import ShardReader
+from pipelines.views import decode
+
+from .conftest import CLASS_SIZES
+
+N = sum(CLASS_SIZES)
+# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec (not installed); it still works.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+def make(shards, recipe, **kw):
+    args = dict(batch_size=4, num_workers=0)
+    args.update(kw)
+    return pipelines.make_loader("reference", str(shards), recipe, **args)
+
+
+def by_index(loader) -> dict[int, dict[str, torch.Tensor]]:
+    """Every sample of one pass, keyed by global index."""
+    out = {}
+    for batch in loader:
+        for row, i in enumerate(batch[B.INDEX].tolist()):
+            assert i not in out, f"index {i} seen twice"
+            out[i] = {k: v[row] for k, v in batch.items()}
+    return out
+
+
+def test_exactly_once_over_two_ranks_times_two_workers(small_shards, small_recipe):
+    loaders = [make(small_shards, small_recipe, num_workers=2, rank=r, world_size=2) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 4  # 16 and 15 samples in batches of 4
+    seen = []
+    for loader in loaders:
+        loader.set_epoch(3)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for batch in batches:
+            check_batch(batch, small_recipe, labelled=True)
+            seen += batch[B.INDEX].tolist()
+    assert sorted(seen) == list(range(N))
+
+
+def test_batch_contract_with_geometry(small_shards, small_recipe):
+    loader = make(small_shards, small_recipe, batch_size=5, with_geometry=True)
+    assert (loader.num_samples, loader.labelled, loader.classes) == (N, True, ["class0", "class1", "class2"])
+    labels_of = [k for k, n in enumerate(CLASS_SIZES) for _ in range(n)]  # folder order = idx order
+    for batch in loader:
+        check_batch(batch, small_recipe, labelled=True)
+        assert set(batch) == {B.IMAGE, B.PATCHES, B.INDEX, B.LABEL, *B.GEOMETRY_KEYS}
+        assert batch[B.PATCHES].shape[1:] == (9, 3, 12, 12)
+        assert batch[B.LABEL].tolist() == [labels_of[i] for i in batch[B.INDEX].tolist()]
+        offsets = batch[B.PATCH_ORIGIN] - torch.tensor([[r * 16, c * 16] for r in range(3) for c in range(3)])
+        assert offsets.min() >= 0 and offsets.max() <= small_recipe.max_patch_offset  # inside its cell
+    assert B.PATCH_ORIGIN not in next(iter(make(small_shards, small_recipe)))
+
+
+def test_views_do_not_depend_on_workers_or_ranks(small_shards, small_recipe):
+    reference = make(small_shards, small_recipe, num_workers=0)
+    reference.set_epoch(1)
+    ref_batches = list(reference)
+    workers = make(small_shards, small_recipe, num_workers=2)
+    workers.set_epoch(1)
+    for a, b in zip(ref_batches, workers, strict=True):  # same batches, in sampler order
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ref = {i: s for batch in ref_batches for i, s in by_index([batch]).items()}
+    for rank in range(2):
+        split = make(small_shards, small_recipe, num_workers=1, rank=rank, world_size=2)
+        split.set_epoch(1)
+        for i, sample in by_index(split).items():
+            assert all(torch.equal(sample[k], ref[i][k]) for k in sample)
+
+
+def test_epochs_repeat_exactly_and_differ_from_each_other(small_shards, small_recipe):
+    loader = make(small_shards, small_recipe)
+    loader.set_epoch(2)
+    first, again = list(loader), list(loader)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in a)
+    loader.set_epoch(3)
+    other = list(loader)
+    assert first[0][B.INDEX].tolist() != other[0][B.INDEX].tolist()
+    e2, e3 = by_index(first), by_index(other)
+    assert not torch.equal(e2[0][B.IMAGE], e3[0][B.IMAGE])
+
+
+def test_resume_yields_the_tail_of_the_epoch(small_shards, small_recipe):
+    loader = make(small_shards, small_recipe)
+    loader.set_epoch(4)
+    full = list(loader)
+    loader.set_epoch(4, start_step=2)
+    tail = list(loader)
+    assert len(tail) == len(full) - 2
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(full[2:], tail) for k in a)
+    loader.set_epoch(4)
+    loader.skip(len(full) - 1)
+    (last,) = list(loader)
+    assert torch.equal(last[B.INDEX], full[-1][B.INDEX])
+    with pytest.raises(ValueError, match="start_step"):
+        loader.skip(2)
+
+
+def test_without_jitter_patches_are_the_crop_regions(small_shards, small_recipe):
+    plain = dataclasses.replace(
+        small_recipe, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0, flip_p=0.0,
+        patch_brightness=0.0, patch_contrast=0.0, patch_saturation=0.0, patch_hue=0.0, patch_grayscale_p=0.0,
+    )
+    loader = make(small_shards, plain, batch_size=8, with_geometry=True)
+    reader = ShardReader(loader.table)
+    mean, std = list(plain.mean), list(plain.std)
+    for batch in loader:
+        for row, i in enumerate(batch[B.INDEX].tolist()):
+            decoded = decode(reader.read(i).jpg)
+            top, left, h, w = batch[B.JIGSAW_BOX][row].tolist()
+            crop = F.resized_crop(decoded, top, left, h, w, [48, 48], antialias=True)  # (3, 48, 48) uint8
+            expected = cut_patches(crop, batch[B.PATCH_ORIGIN][row], 12).float() / 255
+            torch.testing.assert_close(batch[B.PATCHES][row], F.normalize(expected, mean, std), atol=1e-6, rtol=0)
+            top, left, h, w = batch[B.IMAGE_BOX][row].tolist()
+            view = F.resized_crop(decoded, top, left, h, w, [32, 32], antialias=True).float() / 255
+            assert not batch[B.IMAGE_FLIPPED][row]
+            torch.testing.assert_close(batch[B.IMAGE][row], F.normalize(view, mean, std), atol=1e-6, rtol=0)
+
+
+def test_eval_mode_is_resize_centre_crop_in_order(small_shards, small_recipe):
+    loader = make(small_shards, small_recipe, mode="eval", batch_size=8, num_workers=2)
+    batches = list(loader)
+    assert torch.cat([b[B.INDEX] for b in batches]).tolist() == list(range(N))
+    reader = ShardReader(loader.table)
+    expected_view = v2.Compose([
+        v2.Resize(round(32 * 256 / 224)), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(small_recipe.mean, small_recipe.std),
+    ])
+    for batch in batches:
+        check_batch(batch, small_recipe, labelled=True, mode="eval")
+        assert set(batch) == {B.IMAGE, B.INDEX, B.LABEL}
+        for row, i in enumerate(batch[B.INDEX].tolist()):
+            want = expected_view(decode(reader.read(i).jpg))
+            torch.testing.assert_close(batch[B.IMAGE][row], want, atol=1e-6, rtol=0)
+
+
+def test_iteration_leaves_the_global_rng_alone(small_shards, small_recipe):
+    state = torch.get_rng_state()
+    list(make(small_shards, small_recipe, num_workers=1))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_bad_arguments_are_clear(small_shards, small_recipe):
+    with pytest.raises(ValueError, match="unknown pipeline backend 'dali'.*'reference'"):
+        pipelines.make_loader("dali", str(small_shards), small_recipe, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="with_geometry"):
+        make(small_shards, small_recipe, mode="eval", with_geometry=True)
+    with pytest.raises(ValueError, match="mode"):
+        make(small_shards, small_recipe, mode="train")
+    with pytest.raises(ValueError, match="fewer than world_size"):
+        make(small_shards, small_recipe, world_size=64)
+    with pytest.raises(ValueError, match="patch_size"):
+        make(small_shards, dataclasses.replace(small_recipe, patch_size=17))
+    with pytest.raises(TypeError, match="PirlRecipe"):
+        make(small_shards, {"image_size": 32})
