@@ -1,0 +1,145 @@
+"""Make WebDataset shards (+ DALI index files + manifest.json) from an image folder tree or a list of image paths.
+
+    python tools/make_shards.py --input SRC --output OUT [--workers N] [--shard-size BYTES] [--max-side PX]
+    python tools/make_shards.py --verify OUT
+
+Python API: build_shards(src, out, workers=1, ...) -> manifest dict; verify_shards(out) -> VerifyReport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+from tools.sharding.build import DEFAULT_PREFIX, DEFAULT_SHARD_SIZE, OutputNotEmptyError, build_shards
+from tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY
+from tools.sharding.verify import VerifyReport, verify_shards
+
+__all__ = ["build_shards", "verify_shards", "VerifyReport", "OutputNotEmptyError", "main"]
+
+_SIZE = re.compile(r"(?i)\s*([0-9]+)\s*(|k|m|g|kb|mb|gb|kib|mib|gib)\s*")
+_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+
+DESCRIPTION = f"""\
+Make WebDataset shards from an image folder tree or a list of image paths.
+
+Input (--input):
+  a folder root/<class>/<images>: class index = sorted class-folder order (torchvision ImageFolder), files in
+    ImageFolder order; every file is tried, whatever its extension;
+  or a text file with one image path per line and an optional TAB + integer label; relative paths are resolved
+    against the list file's folder; class i of a labelled list is named "i", for i up to the largest label.
+
+Output (--output, must be new or empty): <prefix>-000000.tar, ... each with a DALI index <prefix>-000000.idx
+  (wds2idx format) and manifest.json. Each sample: <key>.jpg, <key>.idx (int64 LE global index 0..N-1 in input
+  order over kept files, key = %09d of it), and when labelled <key>.cls (ASCII) and <key>.label (int64 LE).
+
+Images: each is fully decoded once in a worker. RGB or greyscale JPEGs keep their bytes; anything else that
+  decodes (CMYK, PNG, GIF, palette, alpha on white, 16-bit) is re-encoded as an RGB JPEG, quality {JPEG_QUALITY}.
+  EXIF orientation: images are stored upright with no orientation tag (a JPEG with orientation 2-8 is rotated
+  and re-encoded), because DALI's decoder applies EXIF orientation while Pillow and torchvision ignore it.
+  Bad files (empty, truncated, not an image, HTML pages, decompression bombs, unreadable) are skipped and listed
+  with their reason in manifest.json "skipped"; the run goes on.
+
+A second run into a non-empty --output REFUSES (exit status 2) and names the folder, mentioning stale *.tmp
+  files of a crashed run; it never appends or overwrites. Shards are written as *.tmp and renamed when complete;
+  manifest.json is written last.
+
+Exit status: 0 done, 1 nothing kept / verification failed, 2 bad arguments or refused output.
+"""
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes such as 268435456, 256MiB or 250MB")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="make_shards.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input", metavar="SRC", help="image folder root/<class>/<images>, or a list file")
+    parser.add_argument("--output", metavar="OUT", help="new or empty folder for the shards")
+    parser.add_argument("--workers", type=int, metavar="N", default=os.cpu_count(),
+                        help="decoding processes; 0 decodes in the main process (default: %(default)s, the CPU count)")
+    parser.add_argument("--shard-size", type=parse_size, metavar="BYTES", default=DEFAULT_SHARD_SIZE,
+                        help="largest shard file in bytes; K/M/G = 1e3.., KiB/MiB/GiB = 2^10.. (default: 256MiB)")
+    parser.add_argument("--max-side", type=positive_int, metavar="PX", default=None,
+                        help="re-encode images whose longer side exceeds PX down to PX, as FFCV's writer does "
+                        "(default: off)")
+    parser.add_argument("--max-pixels", type=positive_int, metavar="PIXELS", default=DEFAULT_MAX_PIXELS,
+                        help="skip images whose header claims more pixels, before decoding (default: %(default)s, "
+                        "Pillow's own limit)")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="shard file name prefix (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", metavar="OUT",
+                        help="instead of making shards, re-read OUT and check every count against its manifest")
+    args = parser.parse_args(argv)
+    if args.verify is None and (args.input is None or args.output is None):
+        parser.error("--input and --output are required (or --verify OUT)")
+    if args.verify is not None and (args.input is not None or args.output is not None):
+        parser.error("--verify takes no --input/--output")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.verify is not None:
+        return _verify(args.verify)
+    start = time.perf_counter()
+    try:
+        manifest = build_shards(
+            args.input,
+            args.output,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            max_side=args.max_side,
+            max_pixels=args.max_pixels,
+            prefix=args.prefix,
+            show_progress=not args.no_progress,
+        )
+    except (OutputNotEmptyError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    for reason, count in manifest["skipped_by_reason"].items():
+        print(f"  skipped {count}: {reason}", file=sys.stderr)
+    if manifest["num_skipped"]:
+        print(f"  (each skipped file and its reason: {args.output}/manifest.json \"skipped\")", file=sys.stderr)
+    total_mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
+    kept = manifest["num_samples"]
+    print(
+        f"kept {kept}, skipped {manifest['num_skipped']} ({len(manifest['shards'])} shards, {total_mb:.1f} MB) "
+        f"in {elapsed:.1f} s ({(kept + manifest['num_skipped']) / elapsed:.1f} files/s)"
+    )
+    if kept == 0:
+        print("make_shards: error: no image was kept", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(shard_dir: str) -> int:
+    report = verify_shards(shard_dir)
+    for problem in report.problems:
+        print(f"verify: {problem}", file=sys.stderr)
+    status = "OK" if report.ok else f"FAILED with {len(report.problems)} problem(s)"
+    print(f"verify {shard_dir}: {report.shards} shards, {report.samples} samples: {status}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
