@@ -6,8 +6,9 @@ Sources: "paper" = Misra & van der Maaten, CVPR 2020 (arXiv 1912.01991), supplem
 
 How to scale down for CPU runs: the resolution fields are plain config. Keep `jigsaw_size` divisible by
 `grid` and `patch_size <= jigsaw_size // grid`, e.g. `image_size=112, jigsaw_size=120, patch_size=32`
-(cells of 40 px, offsets 0-8 px), as `--data.recipe.image_size=112` etc. Keep `patch_size >= 32`: the
-ResNet trunk has stride 32, so a smaller patch leaves no res5 map to pool. Crop scales, ratios and
+(cells of 40 px, offsets 0-8 px), as `--data.recipe.image_size=112` etc. The ResNet trunk has stride 32:
+a patch of 32 px or less leaves a 1x1 res5 map (smaller patches still run, on padding; the Imagenette CPU
+config uses 24 px patches in 32 px cells, the paper's 64/85 ratio). Crop scales, ratios and
 jitter strengths are resolution-free and stay as they are.
 """
 

@@ -40,6 +40,7 @@ class LossConfig:
     num_negatives: int = 32000  # N of eq. 3 (paper section 3); ablations use 4,096
     shared_negatives: bool = False  # False: the paper's per-sample draws; True: one draw per batch
     bank_momentum: float = 0.5  # EMA weight of the memory bank (paper section 2.4)
+    bank_init: str = "random"  # "random": unit vectors, as the reference; "features": f(v_I) of the initial net
 
 
 @dataclass

@@ -41,6 +41,7 @@ class ProbeConfig:
     lr: float = 1e-3  # Adam on standardised features
     weight_decay: float = 5e-4  # L2 on the classifier weights
     seed: int = 0  # trunk init (random baseline) and classifier init/order
+    precise_bn: bool = True  # re-estimate BatchNorm statistics on the probe's training images first
     output: str = ""  # JSON result path; empty = print only
 
 
@@ -64,6 +65,24 @@ def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(trunk: torch.nn.Module, loader) -> None:
+    """Replace BatchNorm running statistics by exact averages over `loader` ("precise BN").
+
+    Pretraining pushes the 224 view and the 64 px patches through the same BatchNorm layers, so the
+    running statistics it leaves are a blend of two input distributions; a random trunk has none at all.
+    Re-estimating them on the probe's own training images puts both trunks on the same footing.
+    """
+    norms = [m for m in trunk.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over all batches
+    trunk.train()
+    for batch in tqdm(loader, desc="precise BN", unit="batch", leave=False):
+        trunk(batch["image"])
+    trunk.eval()
+
+
+@torch.no_grad()
 def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeConfig, what: str):
     loader = pipelines.make_loader(
         cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers, mode="eval"
@@ -71,6 +90,8 @@ def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeC
     if not loader.labelled:
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
     loader.set_epoch(0)
+    if what == "train" and cfg.precise_bn:
+        recalibrate_batchnorm(trunk, loader)
     feats, labels = [], []
     for batch in tqdm(loader, desc=f"features ({what})", unit="batch", leave=False):
         feats.append(trunk(batch["image"]).float())

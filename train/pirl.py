@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import pad_across_processes
+from accelerate.utils import DistributedDataParallelKwargs, pad_across_processes
 from torch.profiler import record_function
 from tqdm import tqdm
 
@@ -41,7 +41,7 @@ def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tens
     return index[keep], feats[keep]
 
 
-def build_loader(cfg: PirlConfig, accelerator: Accelerator):
+def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrain"):
     return pipelines.make_loader(
         cfg.data.backend,
         cfg.data.shards,
@@ -51,8 +51,26 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator):
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         seed=cfg.run.seed,
-        mode="pretrain",
+        mode=mode,
     )
+
+
+@torch.no_grad()
+def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator: Accelerator) -> None:
+    """Fill every bank row with f(v_I) of the initial network on the centre-cropped image.
+
+    With random rows the first epoch pulls each image towards a random target and the NCE constant Z is
+    estimated on near-zero similarities; on small CPU runs that drives the embeddings to collapse (measured:
+    README, "Memory-bank initialisation"). BatchNorm uses batch statistics here, as in training.
+    """
+    loader = build_loader(cfg, accelerator, mode="eval")
+    loader.set_epoch(0)
+    net.train()
+    for batch in tqdm(loader, desc="bank init", unit="batch", disable=not accelerator.is_main_process, leave=False):
+        index = batch["index"].to(accelerator.device)
+        feats = net.image_embedding(batch["image"].to(accelerator.device))
+        rows, feats = gather_rows(accelerator, index, feats.float())
+        bank.update(rows, feats, momentum=0.0)
 
 
 def train(cfg: PirlConfig, resume: str | None = None) -> dict:
@@ -60,7 +78,11 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
     cfg.data.recipe.validate()
     if cfg.loss.kind not in ("nce", "infonce"):
         raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
-    accelerator = Accelerator(cpu=cfg.run.cpu)
+    if cfg.loss.bank_init not in ("random", "features"):
+        raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
+    # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loss.lam in (0.0, 1.0))
+    accelerator = Accelerator(cpu=cfg.run.cpu, kwargs_handlers=[ddp])
     device = accelerator.device
     out_dir = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed)  # same on every rank: identical initial weights and bank
@@ -112,6 +134,8 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
         global_step = state["step"]
         checkpoint.restore_rng_state(state["rng"], generators)
         accelerator.print(f"resumed from {path} at step {global_step}")
+    elif cfg.loss.bank_init == "features":
+        init_bank_from_features(net.to(device), bank, cfg, accelerator)
 
     net, optimizer = accelerator.prepare(net, optimizer)
     log_z = log_z.to(device)
@@ -145,7 +169,8 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
         total=last_step, initial=global_step, disable=not accelerator.is_main_process, unit="step", dynamic_ncols=True
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16)
-    window = {"loss": 0.0, "loss_jigsaw": 0.0, "loss_image": 0.0}
+    # Means over the log window; pos_/neg_ are the cosine similarities to m_I and to the bank negatives m_I'.
+    window = {"loss": 0.0, "loss_jigsaw": 0.0, "loss_image": 0.0, "pos_image": 0.0, "neg_image": 0.0}
     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
     record: dict = {}
     net.train()
@@ -203,7 +228,7 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
             global_step += 1
             window_steps += 1
             for key in window:
-                window[key] += losses[key].detach()
+                window[key] += losses[key].detach().mean()
             if global_step % cfg.run.log_every == 0 or global_step == last_step:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": global_step, "epoch": epoch}

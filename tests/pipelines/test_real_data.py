@@ -11,7 +11,6 @@ from pipelines.batch import check_batch
 from pipelines.recipe import PirlRecipe
 from tools.make_shards import build_shards
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 NETTE_CLASSES = ["n01440764", "n02102040"]  # 2 of Imagenette's 10 classes: 200 test images, 224x224
 # Normalised [0, 1] pixels with ImageNet mean/std lie in [-0.485/0.229, (1-0.406)/0.225] = [-2.12, 2.64].

@@ -15,8 +15,6 @@ from pipelines.views import decode
 from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
-# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec (not installed); it still works.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def make(shards, recipe, **kw):

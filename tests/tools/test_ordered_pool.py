@@ -1,6 +1,6 @@
 import pytest
 
-from tests.tools.pool_helpers import crashed, die_on_13, square
+from tests.tools.pool_helpers import crashed, die_on_13, hang_on_13, square
 from tools.sharding.ordered_pool import CHUNKS_PER_WORKER, OrderedPool
 
 
@@ -25,7 +25,9 @@ def test_input_is_consumed_only_as_far_as_the_window():
         results.close()
 
 
-def test_a_worker_crash_costs_only_its_item():
-    with OrderedPool(die_on_13, 2, on_crash=crashed, chunk_size=4) as pool:
+# The hang timeout also covers spawning the workers (~1-2 s, more on a loaded machine): keep it well above that.
+@pytest.mark.parametrize("fn, timeout_s", [(die_on_13, 300.0), (hang_on_13, 12.0)])
+def test_a_dead_or_hung_worker_costs_only_its_item(fn, timeout_s):
+    with OrderedPool(fn, 2, on_crash=crashed, chunk_size=4, timeout_s=timeout_s) as pool:
         results = list(pool.map(range(30)))
     assert results == [(i, "crashed on 13" if i == 13 else i * i) for i in range(30)]

@@ -57,7 +57,11 @@ def test_untrusted_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "variant", [["--loss.kind=infonce"], ["--loss.shared_negatives=true"], ["--loss.lam=0"], ["--run.bf16=true"]]
+    "variant",
+    [
+        ["--loss.kind=infonce"], ["--loss.shared_negatives=true"], ["--loss.lam=0"], ["--run.bf16=true"],
+        ["--loss.bank_init=features"], ["--run.channels_last=true"],
+    ],
 )
 def test_variants_run_and_log_finite_losses(synthetic_shards, tmp_path, variant):
     record = pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--run.max_steps=2", *variant])
@@ -75,3 +79,24 @@ def test_linear_probe_reads_the_checkpoint(synthetic_shards, tmp_path):
     assert result["image_size"] == 32 and result["feature_dim"] == 512
     assert result["train_top1"] > 50.0  # 30 points in 512 dimensions are separable: the classifier must fit them
     assert (tmp_path / "probe.json").exists()
+
+
+def test_bank_init_from_features_fills_every_row_with_the_initial_embedding(synthetic_shards, tmp_path):
+    """Random unit rows in 128-d have a mean pairwise cosine near 0 (|mean| < 0.05 for 30 rows); rows that
+    hold embeddings of one initial network share a direction (measured ~0.7)."""
+    pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--loss.bank_init=features", "--run.max_steps=1"])
+    rows = checkpoint.load(checkpoint.latest_checkpoint(tmp_path))["bank"]["rows"]
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(30))
+    cos = rows @ rows.T
+    assert cos[~torch.eye(30, dtype=bool)].mean() > 0.3
+
+
+def test_precise_bn_sets_running_stats_to_the_exact_data_mean():
+    torch.manual_seed(0)
+    trunk, _ = linear_probe.build_trunk("resnet18")
+    batches = [{"image": torch.randn(4, 3, 32, 32) * 2 + 1} for _ in range(3)]
+    linear_probe.recalibrate_batchnorm(trunk, batches)
+    assert not trunk.training
+    with torch.no_grad():
+        conv1 = torch.cat([trunk.conv1(b["image"]) for b in batches])  # (12, 64, 16, 16)
+    torch.testing.assert_close(trunk.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ def check_entry(entry: Entry, options: CheckOptions) -> CheckResult:
 
 
 def _crashed(entry: Entry) -> CheckResult:
-    return CheckResult(None, "worker crashed: the decoder process died on this file (segfault or out of memory)")
+    return CheckResult(None, "worker crashed: the decoder process died or hung on this file (segfault, out of memory, 300 s without a result)")
 
 
 def reason_category(reason: str) -> str:

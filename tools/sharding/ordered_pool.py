@@ -12,6 +12,7 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any
@@ -21,6 +22,11 @@ from typing import Any
 CHUNK_SIZE = 16
 # Chunks queued per worker: enough that no worker waits for the next one, few enough to bound memory.
 CHUNKS_PER_WORKER = 3
+# A chunk decodes in ~25 ms; one that has not come back after this long went to a hung or lost worker, which
+# is then treated like a crashed one (a pool whose worker died can also leave a future that never resolves).
+CHUNK_TIMEOUT_S = 300.0
+# What a worker's death or hang looks like from here.
+_LOST = (BrokenProcessPool, FutureTimeout)
 
 
 def _apply(fn: Callable[[Any], Any], chunk: list) -> list:
@@ -36,10 +42,12 @@ class OrderedPool:
         workers: int,
         on_crash: Callable[[Any], Any],
         chunk_size: int = CHUNK_SIZE,
+        timeout_s: float = CHUNK_TIMEOUT_S,
     ):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.fn, self.workers, self.on_crash, self.chunk_size = fn, workers, on_crash, chunk_size
+        self.timeout_s = timeout_s
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> OrderedPool:
@@ -72,8 +80,8 @@ class OrderedPool:
                 return
             chunk, future = pending.popleft()
             try:
-                results = future.result()
-            except BrokenProcessPool:
+                results = future.result(timeout=self.timeout_s)
+            except _LOST:
                 self._restart()
                 results = self._isolate(chunk)
                 # Every other queued chunk died with the pool: queue them again, in order.
@@ -84,19 +92,31 @@ class OrderedPool:
         if self._executor is None:
             # spawn: no fork of a process holding threads (tqdm's monitor) or open shard files.
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return self._executor.submit(_apply, self.fn, chunk)
+        try:
+            return self._executor.submit(_apply, self.fn, chunk)
+        except BrokenProcessPool as exc:
+            # A worker died while this chunk was being queued: hand back a failed future, so that map()
+            # meets the crash in input order and restarts the pool, as for a chunk that was in flight.
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
 
     def _restart(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._executor = None
+        """Kill every worker (a hung one would never exit) and drop the executor; the next submit starts anew."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        for process in list((executor._processes or {}).values()):  # no public API to reach the workers
+            process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
 
     def _isolate(self, chunk: list) -> list:
         """Re-run a chunk one item at a time with nothing else in flight, so a crash names its item."""
         results = []
         for item in chunk:
             try:
-                results.extend(self._submit([item]).result())
-            except BrokenProcessPool:
+                results.extend(self._submit([item]).result(timeout=self.timeout_s))
+            except _LOST:
                 self._restart()
                 results.append(self.on_crash(item))
         return results

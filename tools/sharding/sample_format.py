@@ -1,4 +1,4 @@
-"""The entries of one shard sample (the shard format of /work/spec.md)."""
+"""The entries of one shard sample (the shard format in the README, "Making shards")."""
 
 from __future__ import annotations
 
