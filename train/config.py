@@ -7,6 +7,7 @@ an unknown key or a value of the wrong type is an error, never ignored.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,3 +147,22 @@ def parse_args(
         )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_known_args(argv)
+
+
+def config_from_cli(
+    schema: type, argv: Sequence[str] | None, description: str, resumable: bool = True
+) -> tuple[argparse.Namespace, Any | None]:
+    """Parse the command line into (args, config); config is None when --print-config has printed it.
+
+    A bad config exits with status 2 and one line naming the key or file.
+    """
+    args, overrides = parse_args(argv, description, resumable)
+    try:
+        cfg = load_config(schema, args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg))
+        return args, None
+    return args, cfg

@@ -10,7 +10,6 @@ statistics; the classifier is multinomial logistic regression trained with Adam 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ import pipelines
 from model.trunk import build_trunk
 from pipelines.recipe import PirlRecipe
 from train import checkpoint
-from train.config import ConfigError, load_config, parse_args
+from train.config import ConfigError, config_from_cli
 
 
 @dataclass
@@ -150,13 +149,8 @@ def probe(cfg: ProbeConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    args, overrides = parse_args(argv, description=__doc__.splitlines()[0], resumable=False)
-    try:
-        cfg = load_config(ProbeConfig, args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return probe(cfg)
+    _, cfg = config_from_cli(ProbeConfig, argv, description=__doc__.splitlines()[0], resumable=False)
+    return None if cfg is None else probe(cfg)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ backward, optimiser step, bank update. Host syncs (`.item()`) happen on log step
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ from model.losses import estimate_log_z, pirl_loss
 from model.memory_bank import MemoryBank
 from model.pirl import PIRLNet
 from train import checkpoint
-from train.config import ConfigError, PirlConfig, load_config, parse_args, to_dict, to_yaml
+from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from train.run_log import RunLog
 from train.schedule import lr_factor, scaled_lr
 
@@ -259,16 +258,8 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    args, overrides = parse_args(argv, description=__doc__.splitlines()[0])
-    try:
-        cfg = load_config(PirlConfig, args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.print_config:
-        print(to_yaml(cfg))
-        return None
-    return train(cfg, resume=args.resume)
+    args, cfg = config_from_cli(PirlConfig, argv, description=__doc__.splitlines()[0])
+    return None if cfg is None else train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

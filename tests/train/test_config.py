@@ -52,3 +52,20 @@ def test_shipped_configs_load(name):
     if name == "imagenet_r50.yaml":  # the paper's recipe: 32 x 32 GPUs, 800 epochs, ResNet-50, 32k negatives
         assert (cfg.data.batch_size, cfg.optim.epochs, cfg.model.arch) == (32, 800, "resnet50")
         assert (cfg.optim.lr, cfg.optim.final_lr, cfg.loss.num_negatives) == (0.12, 0.00012, 32000)
+
+
+def test_print_config_prints_and_runs_nothing(capsys):
+    from train import linear_probe, pirl
+
+    assert pirl.main(["--print-config", "--data.shards=/s", "--optim.lr=0.5"]) is None
+    assert "lr: 0.5" in capsys.readouterr().out
+    assert linear_probe.main(["--print-config", "--epochs=7"]) is None  # would fail on the missing shards if run
+    assert "epochs: 7" in capsys.readouterr().out
+
+
+def test_bad_override_exits_with_status_2(capsys):
+    from train import pirl
+
+    with pytest.raises(SystemExit) as exit_info:
+        pirl.main(["--data.shards=/s", "--optim.lrr=1"])
+    assert exit_info.value.code == 2 and "lrr" in capsys.readouterr().err
