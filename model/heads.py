@@ -51,3 +51,21 @@ class JigsawHead(nn.Module):
         # (B, 9, out): slot j of sample b holds patch order[b, j]
         shuffled = torch.gather(h, 1, order.unsqueeze(-1).expand_as(h))
         return self.mix(shuffled.reshape(batch, -1))  # (B, 9*out) -> (B, out)
+
+
+class RotationHead(nn.Module):
+    """g for the rotation view (paper supplement A.2): It is one rotated image, so there are no patches to
+    shuffle and mix; "a single linear layer" on its pooled res5 feature stands in for the jigsaw head.
+    It has its own weights (not f's): PIRL scores f(v_I) against g(v_It), two different projections.
+
+    (B, 1, in_dim) -> (B, out_dim), the same call signature as JigsawHead (the generator is unused).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"RotationHead expects (B, 1, D) features of the one rotated view, got {tuple(x.shape)}")
+        return self.proj(x[:, 0])

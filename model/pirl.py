@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from model.heads import ImageHead, JigsawHead
+from model.heads import ImageHead, JigsawHead, RotationHead
 from model.trunk import build_trunk
 
 
@@ -15,6 +15,7 @@ class PIRLNet(nn.Module):
     forward(image (B, 3, S, S), patches (B, num_patches, 3, P, P)) -> (f_img, g_jig), both (B, embed_dim)
     and L2-normalised, since the loss scores pairs by cosine similarity (paper eq. 3).
     The trunk is shared: the patches are scored by the same weights as the image.
+    num_patches = 1 is the rotation view (It = one rotated image, paper 4.3): g is then RotationHead.
     """
 
     def __init__(self, arch: str = "resnet50", embed_dim: int = 128, num_patches: int = 9):
@@ -22,7 +23,8 @@ class PIRLNet(nn.Module):
         self.trunk, self.feature_dim = build_trunk(arch)
         self.num_patches = num_patches
         self.image_head = ImageHead(self.feature_dim, embed_dim)
-        self.jigsaw_head = JigsawHead(self.feature_dim, embed_dim, num_patches)
+        self.jigsaw_head = (JigsawHead(self.feature_dim, embed_dim, num_patches) if num_patches > 1
+                            else RotationHead(self.feature_dim, embed_dim))
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled res5 features, the input of the linear probe (heads are dropped for transfer)."""

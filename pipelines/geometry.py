@@ -5,6 +5,7 @@ views a function of the per-sample generator alone, and lets the loader report t
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -65,3 +66,59 @@ def sample_patch_origins(
 def cut_patches(crop: torch.Tensor, origins: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(C, J, J) crop, (K, 2) (y, x) origins -> (K, C, P, P) patches (copies, in origin order)."""
     return torch.stack([crop[:, y:y + patch_size, x:x + patch_size] for y, x in origins.tolist()])
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """What a loader cuts for one sample, in the decoded image's pixel coordinates (full resolution).
+
+    The jigsaw views cut nine patches from `jigsaw_box` resized to jigsaw_size; the rotation view cuts one
+    more image view from it (image scales, resized to image_size, flipped when `jigsaw_flipped`).
+    """
+
+    image_box: tuple[int, int, int, int]  # (top, left, h, w) of the image view's crop
+    image_flipped: bool
+    jigsaw_box: tuple[int, int, int, int]  # (top, left, h, w) of It's crop
+    jigsaw_flipped: bool  # rotation view only: the second view's horizontal flip
+    patch_origins: torch.Tensor  # (K, 2) int64 (y, x) of each tile in the resized crop; (1, 2) zeros for rotation
+
+    def crops(self, recipe) -> list[tuple[tuple[int, int, int, int], int]]:
+        """[(box, output side)] of both resized crops, for choosing a reduced decoding scale."""
+        side = recipe.image_size if recipe.jigsaw_view == "rotation" else recipe.jigsaw_size
+        return [(self.image_box, recipe.image_size), (self.jigsaw_box, side)]
+
+
+def draw_sample_geometry(height: int, width: int, recipe, generator: torch.Generator) -> SampleGeometry:
+    """A sample's crop boxes, flips and patch origins for an image of (height, width), in a fixed draw order
+    from its generator. Every backend cuts with these, so backends differ only in resampling arithmetic."""
+    r = recipe
+    image_box = sample_resized_crop_box(height, width, (r.image_scale_min, r.image_scale_max),
+                                        (r.ratio_min, r.ratio_max), generator)
+    image_flipped = bool(torch.rand((), generator=generator) < r.flip_p)
+    if r.jigsaw_view == "rotation":
+        # It = "the standard data augmentation ... to get a 224x224 image" (paper A.2): its own crop and flip.
+        box = sample_resized_crop_box(height, width, (r.image_scale_min, r.image_scale_max),
+                                      (r.ratio_min, r.ratio_max), generator)
+        flipped = bool(torch.rand((), generator=generator) < r.flip_p)
+        origins = torch.zeros(1, 2, dtype=torch.int64)
+    else:
+        box = sample_resized_crop_box(height, width, (r.jigsaw_scale_min, r.jigsaw_scale_max),
+                                      (r.jigsaw_ratio_min, r.jigsaw_ratio_max), generator)
+        flipped = False
+        origins = sample_patch_origins(r.grid, r.cell_size, r.patch_size, generator)
+    return SampleGeometry(image_box, image_flipped, box, flipped, origins)
+
+
+def dct_reduction(height: int, width: int, crops: list[tuple[tuple[int, int, int, int], int]],
+                  max_reduction: int = 8) -> int:
+    """The JPEG decoding scale 1/r (r in 1, 2, 4, 8) that still leaves every crop at least its output size.
+
+    libjpeg scales by 1/2, 1/4 or 1/8 inside the inverse DCT, for less decoding work; we use it only where
+    every crop of the sample is downscaled by 2x or more anyway, so the antialiased resize that follows still
+    downscales (never upsamples).
+    """
+    factor = min(min(h, w) / side for (_, _, h, w), side in crops)
+    r = 1
+    while r * 2 <= min(factor, max_reduction) and height >= 2 * r and width >= 2 * r:
+        r *= 2
+    return r

@@ -1,28 +1,51 @@
-"""Colour jitter + random grayscale with parameters drawn from a torch.Generator (torchvision's semantics).
+"""Colour-jitter parameters drawn for many views at once, and the per-image torchvision reference.
 
-Per image: with probability jitter_p, brightness/contrast/saturation factors ~ U[max(0, 1-s), 1+s] and a hue
-shift ~ U[-h, h], applied in a random order (as torchvision's ColorJitter; an op of strength 0 is skipped);
-then grayscale (3 identical channels) with probability grayscale_p. Parameters are drawn for n images at
-once so each of the 9 patches gets its own independent draw (paper A.1) from two generator calls.
+torchvision's ColorJitter semantics: with probability jitter_p, brightness / contrast / saturation factors
+~ U[max(0, 1 - s), 1 + s] and a hue shift ~ U[-h, h], applied in a random order (an op of strength 0 is
+skipped); then grayscale (3 identical channels) with probability grayscale_p.
+
+`draw_jitter` turns uniforms (from pipelines.rng.counter_uniform) into a `Jitter` of tensors; the batched stage
+(pipelines/augment.py) applies it to whole batches, `apply_photometric` applies one view's plan with
+torchvision.transforms.v2.functional: the reference the batched stage is tested against and benchmarked with.
 """
+
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms.v2 import functional as F
 
-# (name, v2 functional op) in the canonical order; the applied order is a random permutation of it.
-_OPS = (
-    ("brightness", F.adjust_brightness),
-    ("contrast", F.adjust_contrast),
-    ("saturation", F.adjust_saturation),
-    ("hue", F.adjust_hue),
-)
-_OP_FUNCS = dict(_OPS)
+# Op ids: columns of Jitter.factor and values of Jitter.order. NONE pads the order of a view that skips an op.
+BRIGHTNESS, CONTRAST, SATURATION, HUE, NONE = 0, 1, 2, 3, 4
+OP_NAMES = ("brightness", "contrast", "saturation", "hue")
+_OP_FUNCS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+# Uniforms one view consumes: jitter coin, 4 factors, 4 order keys, grayscale coin.
+JITTER_DRAWS = 10
 
 Op = tuple[str, float]
 
 
-def sample_photometric(
-    n: int,
+@dataclass
+class Jitter:
+    """Photometric parameters of N views (CPU tensors)."""
+
+    order: torch.Tensor  # (N, 4) int64 op ids in the order applied; NONE for skipped ops (always last)
+    factor: torch.Tensor  # (N, 4) float64: brightness, contrast, saturation factors and the hue shift
+    gray: torch.Tensor  # (N,) bool: grayscale after the jitter
+
+    def __len__(self) -> int:
+        return self.order.shape[0]
+
+    def plans(self) -> list[list[Op]]:
+        """Each view's ops as (name, factor) in order, ("grayscale", 0.0) last: apply_photometric's input."""
+        out = []
+        for order, factor, gray in zip(self.order.tolist(), self.factor.tolist(), self.gray.tolist()):
+            ops = [(OP_NAMES[k], factor[k]) for k in order if k != NONE]
+            out.append(ops + ([("grayscale", 0.0)] if gray else []))
+        return out
+
+
+def draw_jitter(
+    u: torch.Tensor,
     *,
     brightness: float,
     contrast: float,
@@ -30,39 +53,29 @@ def sample_photometric(
     hue: float,
     jitter_p: float,
     grayscale_p: float,
-    generator: torch.Generator,
-) -> list[list[Op]]:
-    """For each of n images, the list of (op name, factor) to apply in order; ("grayscale", 0.0) last if drawn."""
-    strengths = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
-    # Columns: jitter coin, brightness, contrast, saturation, hue, grayscale coin.
-    u = torch.rand(n, 6, generator=generator, dtype=torch.float64).tolist()
-    orders = torch.rand(n, 4, generator=generator).argsort(dim=1).tolist()
-    plans = []
-    for row, order in zip(u, orders):
-        ops: list[Op] = []
-        if row[0] < jitter_p:
-            for k in order:
-                name = _OPS[k][0]
-                s = strengths[name]
-                if s == 0:
-                    continue
-                if name == "hue":
-                    factor = -s + 2 * s * row[4]
-                else:
-                    lo = max(0.0, 1.0 - s)
-                    factor = lo + (1.0 + s - lo) * row[1 + k]
-                ops.append((name, factor))
-        if row[5] < grayscale_p:
-            ops.append(("grayscale", 0.0))
-        plans.append(ops)
-    return plans
+) -> Jitter:
+    """(N, JITTER_DRAWS) uniforms in [0, 1) -> the jitter of N views. Pure: same uniforms, same parameters."""
+    if u.dim() != 2 or u.shape[1] != JITTER_DRAWS:
+        raise ValueError(f"draw_jitter needs (N, {JITTER_DRAWS}) uniforms, got {tuple(u.shape)}")
+    u = u.to(torch.float64)
+    strengths = torch.tensor([brightness, contrast, saturation, hue], dtype=torch.float64)
+    lo = (1.0 - strengths).clamp_min(0.0)
+    factor = lo + (1.0 + strengths - lo) * u[:, 1:5]
+    factor[:, HUE] = -hue + 2.0 * hue * u[:, 4]
+    order = u[:, 5:9].argsort(dim=1)  # a uniform random permutation of the four ops (ties: probability ~2^-32)
+    enabled = strengths > 0
+    skipped = ~enabled[order] | (u[:, :1] >= jitter_p)  # (N, 4): op absent from this view's plan
+    # NONE goes last, keeping the applied ops in their drawn order (a stable sort on the skip flag).
+    order = torch.where(skipped, NONE, order)
+    order = order.gather(1, skipped.to(torch.int8).argsort(dim=1, stable=True))
+    return Jitter(order=order, factor=factor, gray=u[:, 9] < grayscale_p)
 
 
 def apply_photometric(image: torch.Tensor, ops: list[Op]) -> torch.Tensor:
-    """Apply one image's plan to a (3, H, W) float image in [0, 1]."""
+    """Apply one view's plan to a (3, H, W) float image in [0, 1] with torchvision's functional ops."""
     for name, factor in ops:
         if name == "grayscale":
             image = F.rgb_to_grayscale(image, num_output_channels=3)
         else:
-            image = _OP_FUNCS[name](image, factor)
+            image = _OP_FUNCS[OP_NAMES.index(name)](image, factor)
     return image

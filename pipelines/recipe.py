@@ -14,7 +14,11 @@ jitter strengths are resolution-free and stay as they are.
 
 from dataclasses import dataclass
 
-JIGSAW_VIEWS = ("jigsaw",)  # ROADMAP item 4 adds "rotation" and "rotation_jigsaw"
+# What the transformed view It is (paper section 4.3, supplement A.2):
+# - "jigsaw": 9 patches of a 255 crop (section 2.3, the default);
+# - "rotation": a second, independently augmented image view rotated by a random multiple of 90 degrees;
+# - "rotation_jigsaw": the 255 crop rotated by a random multiple of 90 degrees, then tiled.
+JIGSAW_VIEWS = ("jigsaw", "rotation", "rotation_jigsaw")
 
 
 @dataclass
@@ -34,7 +38,7 @@ class PirlRecipe:
     grayscale_p: float = 0.2  # (ref) RandomGrayscale p=0.2
 
     # --- jigsaw view It (paper supplement A.1) ---
-    jigsaw_view: str = "jigsaw"  # only "jigsaw" for now; ROADMAP item 4 adds the rotation views
+    jigsaw_view: str = "jigsaw"  # what It is: one of JIGSAW_VIEWS above; paper 2.3 (jigsaw) and 4.3 (rotation)
     jigsaw_size: int = 255  # paper A.1: crop "resized to 255x255"
     jigsaw_scale_min: float = 0.6  # paper A.1: a crop "that occupies at least 60% of the image"
     jigsaw_scale_max: float = 1.0  # (ref) crop_scale_patches [0.6, 1.0]
@@ -43,6 +47,7 @@ class PirlRecipe:
     grid: int = 3  # paper A.1: "divide into a 3x3 grid"
     patch_size: int = 64  # paper A.1: "a patch of 64x64 from each of these grids"
     patch_flip_p: float = 0.0  # paper: patches get photometric augmentation only; (ref) flips each patch, p=0.5
+    patch_rotation: bool = False  # rotate each patch by its own random multiple of 90 deg; the paper's jigsaw has none
     patch_brightness: float = 0.4  # paper A.1: jitter "to each patch independently"; strength from (ref)
     patch_contrast: float = 0.4  # (ref) same ColorJitter as the image view, drawn per patch
     patch_saturation: float = 0.4  # (ref) as above
@@ -77,6 +82,16 @@ class PirlRecipe:
     @property
     def num_patches(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def view_tiles(self) -> int:
+        """How many tiles the transformed view It has: 9 for the jigsaw views, 1 for the rotation view."""
+        return 1 if self.jigsaw_view == "rotation" else self.num_patches
+
+    @property
+    def view_tile_size(self) -> int:
+        """Side of each tile of It: patch_size for the jigsaw views, image_size for the rotation view."""
+        return self.image_size if self.jigsaw_view == "rotation" else self.patch_size
 
     @property
     def max_patch_offset(self) -> int:

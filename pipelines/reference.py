@@ -1,25 +1,25 @@
-"""The reference backend: indexed reads from the shards + torch DataLoader workers + torchvision.transforms.v2.
+"""The reference backend: indexed reads from the shards + torch DataLoader workers cutting uint8 views.
 
 The baseline the DALI and FFCV backends are measured against. Per step: the sampler (pipelines/sampler.py)
 picks this rank's global indexes; DataLoader workers read each sample with one pread (pipelines/shard_index.py),
-decode it with torchvision.io.decode_jpeg and build its views (pipelines/views.py); batches come back in
-sampler order whatever the worker count.
+decode it and cut its uint8 views (pipelines/views.py); batches come back in sampler order whatever the worker
+count. The photometric work happens later on the training device (pipelines/augment.py).
 
-Randomness: each sample's augmentation draws from a torch.Generator seeded by (seed, epoch, global index), so a
+Randomness: each sample's geometry draws from a torch.Generator seeded by (seed, epoch, global index), so a
 view does not depend on the rank, the worker count or the worker that made it, and a resumed epoch sees the
 same views. The global torch RNG is never touched (the DataLoader gets its own generator for its base seed).
 """
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipelines import batch as B
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
 from pipelines.sampler import epoch_batches, rank_slice, steps_per_epoch
 from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
-from pipelines.views import decode, eval_view, pretrain_views
+from pipelines.views import eval_view, pretrain_views
 
 _PRETRAIN_KEYS = (B.IMAGE, B.PATCHES)  # the views' geometry keys are dropped unless asked for
 
@@ -41,15 +41,14 @@ class ShardDataset(Dataset):
         epoch, i = key
         raw = self.reader.read(i)
         try:
-            image = decode(raw.jpg)
-        except RuntimeError as err:
+            if self.mode == "eval":
+                sample = {B.IMAGE: eval_view(raw.jpg, self.recipe)}
+            else:
+                views = pretrain_views(raw.jpg, self.recipe, generator_for(PURPOSE_SAMPLE, self.seed, epoch, i))
+                sample = {k: views[k] for k in self.keys}
+        except (RuntimeError, ValueError) as err:
             shard = self.reader.table.tar_paths[int(self.reader.table.shard[i])]
             raise RuntimeError(f"{shard}: cannot decode the JPEG of sample {i:09d}: {err}") from err
-        if self.mode == "eval":
-            sample = {B.IMAGE: eval_view(image, self.recipe)}
-        else:
-            views = pretrain_views(image, self.recipe, generator_for(PURPOSE_SAMPLE, self.seed, epoch, i))
-            sample = {k: views[k] for k in self.keys}
         sample[B.INDEX] = raw.index
         if raw.label is not None:
             sample[B.LABEL] = raw.label
@@ -57,11 +56,18 @@ class ShardDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> B.Batch:
-    """Stack per-sample dicts into a Batch (runs inside the DataLoader worker)."""
+    """Stack per-sample dicts into a Batch (runs inside the DataLoader worker).
+
+    Views are stacked as their HWC storage (a plain copy, not a transposing one) and handed back as CHW-shaped
+    channels-last views; default_collate writes straight into shared memory, so the batch reaches the main
+    process without another copy.
+    """
     out: B.Batch = {}
     for key in samples[0]:
         if key in (B.INDEX, B.LABEL):
             out[key] = torch.tensor([s[key] for s in samples], dtype=torch.int64)
+        elif key in (B.IMAGE, B.PATCHES):
+            out[key] = default_collate([s[key].movedim(-3, -1) for s in samples]).movedim(-1, -3)
         else:
             out[key] = torch.stack([s[key] for s in samples])
     return out
@@ -165,7 +171,8 @@ def make_loader(
 ) -> ReferenceLoader:
     """Reference-backend loader over the shards of tools/make_shards.py.
 
-    mode="pretrain": shuffled epochs of image + patches + index (+ label); mode="eval": identity order,
+    Yields the uint8 loader batch (pipelines/batch.py); pipelines.augment.BatchAugment turns it into the model
+    batch. mode="pretrain": shuffled epochs of image + patches + index (+ label); mode="eval": identity order,
     image = resize + centre crop, index + label. pin_memory=None pins when CUDA is available.
     """
     if not isinstance(recipe, PirlRecipe):

@@ -1,78 +1,121 @@
-"""JPEG bytes -> the PIRL views of one sample (reference backend), a pure function of (bytes, recipe, generator).
+"""JPEG bytes -> the uint8 loader views of one sample (reference backend): decode once, cut both views.
 
-Pretraining (paper supplement A.1), from one decoded image:
-- image view I: random resized crop -> image_size, horizontal flip, colour jitter, random grayscale, normalise;
-- jigsaw view It: its own random resized crop (scale >= jigsaw_scale_min) -> jigsaw_size, a grid x grid of
-  cells, one patch_size patch per cell at a random offset, colour jitter + grayscale drawn for each patch
-  independently, normalise.
-Geometry runs on uint8 (torchvision's fast antialiased uint8 resize); photometric ops run on float in [0, 1].
+Pretraining (paper supplement A.1), from one decoded image and the geometry of pipelines/geometry.py:
+- image view I: random resized crop -> image_size, horizontal flip;
+- It, jigsaw views: its own random resized crop (scale >= jigsaw_scale_min) -> jigsaw_size, one patch_size
+  patch per grid cell at a random offset, in grid order; rotation view: a second image view.
+Colour, rotations and normalisation happen later, on whole batches (pipelines/augment.py).
+
+Speed (README, "The reference loader"): simplejpeg (libjpeg-turbo) reads the header, the geometry is drawn
+from the full-resolution size, and where every crop of the sample is downscaled by 2x or more the JPEG is
+decoded at 1/2, 1/4 or 1/8 scale inside the inverse DCT. Crops are views of the decoded HWC array and are
+resized with torch's antialiased bilinear uint8 kernel, which is fastest on that (channels-last) layout and
+gives torchvision's pixels. Views come out channels-last (HWC storage, CHW shape); the batched stage reads
+any layout.
 """
 
+import numpy as np
+import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipelines import batch as B
-from pipelines.geometry import cut_patches, sample_patch_origins, sample_resized_crop_box
-from pipelines.photometric import apply_photometric, sample_photometric
+from pipelines.geometry import SampleGeometry, dct_reduction, draw_sample_geometry
 from pipelines.recipe import PirlRecipe
 
 
-def decode(jpg: memoryview | bytes | bytearray) -> torch.Tensor:
-    """JPEG bytes -> (3, H, W) uint8 RGB (greyscale and CMYK JPEGs come out as 3 channels)."""
-    data = torch.frombuffer(jpg, dtype=torch.uint8)
-    return decode_jpeg(data, mode=ImageReadMode.RGB)
+def jpeg_size(jpg) -> tuple[int, int]:
+    """(height, width) from the JPEG header, without decoding pixels."""
+    height, width, _, _ = simplejpeg.decode_jpeg_header(jpg)
+    return height, width
 
 
-def _normalise(x: torch.Tensor, recipe: PirlRecipe) -> torch.Tensor:
-    return F.normalize(x, mean=recipe.mean, std=recipe.std)
+def decode(jpg, reduction: int = 1, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """JPEG bytes -> (3, H', W') uint8 RGB, a channels-last view of the decoded HWC array.
+
+    reduction r in (1, 2, 4, 8) decodes at 1/r scale inside the IDCT (H' = ceil(H / r)); `size` = the
+    header's (H, W) when the caller has it. Greyscale JPEGs come out as 3 channels. JPEGs simplejpeg cannot
+    convert to RGB (CMYK, YCCK; tools/make_shards.py re-encodes those) go through torchvision at full scale.
+    """
+    try:
+        if reduction == 1:
+            hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB")
+        else:
+            height, width = size or jpeg_size(jpg)
+            hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB", min_height=-(-height // reduction),
+                                         min_width=-(-width // reduction))
+    except ValueError:
+        return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if hwc.ndim == 2:
+        hwc = hwc[:, :, None].repeat(3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
 
 
-def pretrain_views(image: torch.Tensor, recipe: PirlRecipe, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """(3, H, W) uint8 -> image (3, S, S), patches (K, 3, P, P) float32 normalised, plus the drawn geometry.
+def _resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], scale: float, side: int) -> torch.Tensor:
+    """Crop `box` (full-resolution coordinates) of an image decoded at 1/scale, antialiased resize to side^2."""
+    top, left, h, w = box
+    if scale != 1:
+        _, height, width = image.shape
+        top, left = min(round(top / scale), height - 1), min(round(left / scale), width - 1)
+        h, w = max(1, min(round(h / scale), height - top)), max(1, min(round(w / scale), width - left))
+    return F.resized_crop(image, top, left, h, w, [side, side], antialias=True)
 
-    The draws from `generator` happen in a fixed order, so a sample's views depend on its generator only.
+
+def cut_tiles(crop: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, J, J) crop, (K, 2) (y, x) origins -> (K, 3, size, size) copies in origin order (channels-last)."""
+    hwc = crop.permute(1, 2, 0)
+    tiles = torch.empty(len(origins), size, size, 3, dtype=crop.dtype)
+    for k, (y, x) in enumerate(origins.tolist()):
+        tiles[k] = hwc[y:y + size, x:x + size]
+    return tiles.permute(0, 3, 1, 2)
+
+
+def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator, *, reduce: bool = True) -> dict:
+    """JPEG bytes -> uint8 image (3, S, S), patches (K, 3, P, P) (It's tiles) and the drawn geometry.
+
+    The geometry depends on the generator and the header's size only, never on the decoder or the decoding
+    scale (reduce=False forces a full-resolution decode, e.g. to measure what reducing changes).
     """
     r = recipe
-    _, height, width = image.shape
-
-    # Image view I.
-    top, left, h, w = sample_resized_crop_box(height, width, (r.image_scale_min, r.image_scale_max),
-                                              (r.ratio_min, r.ratio_max), generator)
-    view = F.resized_crop(image, top, left, h, w, [r.image_size, r.image_size], antialias=True)
-    flipped = torch.rand((), generator=generator).item() < r.flip_p
-    if flipped:
-        view = F.horizontal_flip(view)
-    (plan,) = sample_photometric(1, brightness=r.brightness, contrast=r.contrast, saturation=r.saturation,
-                                 hue=r.hue, jitter_p=r.jitter_p, grayscale_p=r.grayscale_p, generator=generator)
-    view = apply_photometric(F.to_dtype(view, torch.float32, scale=True), plan)
-
-    # Jigsaw view It.
-    jtop, jleft, jh, jw = sample_resized_crop_box(height, width, (r.jigsaw_scale_min, r.jigsaw_scale_max),
-                                                  (r.jigsaw_ratio_min, r.jigsaw_ratio_max), generator)
-    crop = F.resized_crop(image, jtop, jleft, jh, jw, [r.jigsaw_size, r.jigsaw_size], antialias=True)
-    origins = sample_patch_origins(r.grid, r.cell_size, r.patch_size, generator)  # (K, 2)
-    patches = F.to_dtype(cut_patches(crop, origins, r.patch_size), torch.float32, scale=True)  # (K, 3, P, P)
-    plans = sample_photometric(r.num_patches, brightness=r.patch_brightness, contrast=r.patch_contrast,
-                               saturation=r.patch_saturation, hue=r.patch_hue, jitter_p=r.patch_jitter_p,
-                               grayscale_p=r.patch_grayscale_p, generator=generator)
-    patch_flips = (torch.rand(r.num_patches, generator=generator) < r.patch_flip_p).tolist()
-    for k, (patch_plan, flip) in enumerate(zip(plans, patch_flips)):
-        patch = apply_photometric(patches[k], patch_plan)
-        patches[k] = F.horizontal_flip(patch) if flip else patch
-
+    height, width = jpeg_size(jpg)
+    geo: SampleGeometry = draw_sample_geometry(height, width, r, generator)
+    reduction = dct_reduction(height, width, geo.crops(r)) if reduce else 1
+    image = decode(jpg, reduction, (height, width))
+    scale = reduction if image.shape[1] != height else 1  # 1 where a fallback decoder ignored the reduction
+    view = _resized_crop(image, geo.image_box, scale, r.image_size)
+    if geo.image_flipped:
+        view = view.flip(-1)
+    if r.jigsaw_view == "rotation":
+        tiles = _resized_crop(image, geo.jigsaw_box, scale, r.image_size)
+        tiles = (tiles.flip(-1) if geo.jigsaw_flipped else tiles).unsqueeze(0)
+    else:
+        crop = _resized_crop(image, geo.jigsaw_box, scale, r.jigsaw_size)
+        tiles = cut_tiles(crop, geo.patch_origins, r.patch_size)
     return {
-        B.IMAGE: _normalise(view, r),
-        B.PATCHES: _normalise(patches, r),
-        B.PATCH_ORIGIN: origins,
-        B.JIGSAW_BOX: torch.tensor([jtop, jleft, jh, jw], dtype=torch.int64),
-        B.IMAGE_BOX: torch.tensor([top, left, h, w], dtype=torch.int64),
-        B.IMAGE_FLIPPED: torch.tensor(flipped),
+        B.IMAGE: view,
+        B.PATCHES: tiles,
+        B.PATCH_ORIGIN: geo.patch_origins,
+        B.JIGSAW_BOX: torch.tensor(geo.jigsaw_box, dtype=torch.int64),
+        B.IMAGE_BOX: torch.tensor(geo.image_box, dtype=torch.int64),
+        B.IMAGE_FLIPPED: torch.tensor(geo.image_flipped),
+        B.JIGSAW_FLIPPED: torch.tensor(geo.jigsaw_flipped),
     }
 
 
-def eval_view(image: torch.Tensor, recipe: PirlRecipe) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, S, S) float32: shorter side to eval_resize_size, centre crop, normalise."""
-    view = F.resize(image, [recipe.eval_resize_size], antialias=True)
-    view = F.center_crop(view, [recipe.image_size, recipe.image_size])
-    return _normalise(F.to_dtype(view, torch.float32, scale=True), recipe)
+def eval_size(height: int, width: int, recipe: PirlRecipe) -> tuple[int, int]:
+    """The size torchvision's resize([eval_resize_size]) gives: shorter side to eval_resize_size."""
+    size = recipe.eval_resize_size
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def eval_view(jpg, recipe: PirlRecipe, *, reduce: bool = True) -> torch.Tensor:
+    """JPEG bytes -> (3, S, S) uint8: shorter side to eval_resize_size, centre crop (standard evaluation)."""
+    height, width = jpeg_size(jpg)
+    target = eval_size(height, width, recipe)
+    whole = (0, 0, height, width)
+    reduction = dct_reduction(height, width, [(whole, min(target))]) if reduce else 1
+    view = F.resize(decode(jpg, reduction, (height, width)), list(target), antialias=True)
+    return F.center_crop(view, [recipe.image_size, recipe.image_size])

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import pipelines
 from model.trunk import build_trunk
+from pipelines.augment import BatchAugment
 from pipelines.recipe import PirlRecipe
 from train import checkpoint
 from train.config import ConfigError, config_from_cli
@@ -63,8 +64,15 @@ def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
     return trunk.eval(), arch, recipe
 
 
+def eval_images(loader, recipe: PirlRecipe):
+    """(uint8 loader batch, float image) pairs: the batched stage's eval form (convert, normalise)."""
+    stage = BatchAugment(recipe)
+    for batch in loader:
+        yield batch, stage.eval(batch)["image"]
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(trunk: torch.nn.Module, loader) -> None:
+def recalibrate_batchnorm(trunk: torch.nn.Module, loader, recipe: PirlRecipe | None = None) -> None:
     """Replace BatchNorm running statistics by exact averages over `loader` ("precise BN").
 
     Pretraining pushes the 224 view and the 64 px patches through the same BatchNorm layers, so the
@@ -76,8 +84,9 @@ def recalibrate_batchnorm(trunk: torch.nn.Module, loader) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over all batches
     trunk.train()
-    for batch in tqdm(loader, desc="precise BN", unit="batch", leave=False):
-        trunk(batch["image"])
+    batches = eval_images(loader, recipe) if recipe is not None else ((b, b["image"]) for b in loader)
+    for _, image in tqdm(batches, desc="precise BN", unit="batch", leave=False):
+        trunk(image)
     trunk.eval()
 
 
@@ -90,10 +99,10 @@ def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeC
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
     loader.set_epoch(0)
     if what == "train" and cfg.precise_bn:
-        recalibrate_batchnorm(trunk, loader)
+        recalibrate_batchnorm(trunk, loader, recipe)
     feats, labels = [], []
-    for batch in tqdm(loader, desc=f"features ({what})", unit="batch", leave=False):
-        feats.append(trunk(batch["image"]).float())
+    for batch, image in tqdm(eval_images(loader, recipe), desc=f"features ({what})", unit="batch", leave=False):
+        feats.append(trunk(image).float())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels), len(loader.classes or [])
 

@@ -20,6 +20,7 @@ import pipelines
 from model.losses import estimate_log_z, pirl_loss
 from model.memory_bank import MemoryBank
 from model.pirl import PIRLNet
+from pipelines.augment import BatchAugment
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from train.run_log import RunLog
@@ -54,6 +55,18 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrai
     )
 
 
+def build_augment(cfg: PirlConfig) -> BatchAugment:
+    """The batched stage every backend's loader batch goes through on the training device."""
+    return BatchAugment(cfg.data.recipe, seed=cfg.run.seed, compile=cfg.data.augment_compile)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Pixels to the training device; `index` stays where it is too, on the host, for the stage's draws."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "patches")}
+    out["index"] = batch["index"]
+    return out
+
+
 @torch.no_grad()
 def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator: Accelerator) -> None:
     """Fill every bank row with f(v_I) of the initial network on the centre-cropped image.
@@ -64,10 +77,11 @@ def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator:
     """
     loader = build_loader(cfg, accelerator, mode="eval")
     loader.set_epoch(0)
+    augment = build_augment(cfg)
     net.train()
     for batch in tqdm(loader, desc="bank init", unit="batch", disable=not accelerator.is_main_process, leave=False):
         index = batch["index"].to(accelerator.device)
-        feats = net.image_embedding(batch["image"].to(accelerator.device))
+        feats = net.image_embedding(augment.eval(to_device(batch, accelerator.device))["image"])
         rows, feats = gather_rows(accelerator, index, feats.float())
         bank.update(rows, feats, momentum=0.0)
 
@@ -91,7 +105,8 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
     total_steps = cfg.optim.epochs * steps_per_epoch
     global_batch = cfg.data.batch_size * accelerator.num_processes
 
-    net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.num_patches)
+    augment = build_augment(cfg)
+    net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.view_tiles)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
     bank = MemoryBank(loader.num_samples, cfg.model.embed_dim).to(device)
@@ -187,9 +202,11 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
                 break
             data_wait += time.perf_counter() - wait_start
             with record_function("to_device"):
-                image = batch["image"].to(device, non_blocking=True)
-                patches = batch["patches"].to(device, non_blocking=True)
+                batch = to_device(batch, device)
                 index = batch["index"].to(device, non_blocking=True)
+            with record_function("augment"):
+                batch = augment(batch, epoch)  # uint8 loader batch -> float model batch, on the device
+                image, patches = batch["image"], batch["patches"]
                 if cfg.run.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
 

@@ -1,10 +1,12 @@
-import math
+import dataclasses
 
 import pytest
 import torch
 
-from pipelines.geometry import cell_origins, cut_patches, sample_patch_origins, sample_resized_crop_box
-from pipelines.photometric import apply_photometric, sample_photometric
+from pipelines.geometry import (
+    cell_origins, cut_patches, dct_reduction, draw_sample_geometry, sample_patch_origins, sample_resized_crop_box,
+)
+from pipelines.recipe import PirlRecipe
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -69,43 +71,47 @@ def test_cut_patches_known_values():
     assert patches[2, 1, 2].tolist() == [36 + 3 * 6 + 2, 36 + 3 * 6 + 3, 36 + 3 * 6 + 4]
 
 
-def _plans(n, seed=0, **kw):
-    args = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, jitter_p=1.0, grayscale_p=0.2)
-    args.update(kw)
-    return sample_photometric(n, generator=gen(seed), **args)
+@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
+def test_sample_geometry_per_view(view):
+    recipe = PirlRecipe(jigsaw_view=view).validate()
+    geo = draw_sample_geometry(375, 500, recipe, gen(3))
+    again = draw_sample_geometry(375, 500, recipe, gen(3))  # a pure function of the generator
+    assert (geo.image_box, geo.jigsaw_box, geo.image_flipped) == (again.image_box, again.jigsaw_box, again.image_flipped)
+    assert torch.equal(geo.patch_origins, again.patch_origins)
+    for top, left, h, w in (geo.image_box, geo.jigsaw_box):
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+    if view == "rotation":
+        assert geo.patch_origins.tolist() == [[0, 0]]
+        assert geo.crops(recipe)[1][1] == recipe.image_size
+    else:
+        assert geo.patch_origins.shape == (9, 2) and not geo.jigsaw_flipped
+        assert geo.jigsaw_box[2] * geo.jigsaw_box[3] >= 0.6 * 375 * 500 * 0.98  # >= 60 % of the area (rounding)
+        assert geo.crops(recipe)[1][1] == recipe.jigsaw_size
+    flips = [draw_sample_geometry(375, 500, recipe, gen(s)).image_flipped for s in range(400)]
+    assert 0.4 < sum(flips) / 400 < 0.6
 
 
-def test_zero_strengths_draw_no_ops():
-    assert _plans(9, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0) == [[]] * 9
-    assert _plans(9, jitter_p=0, grayscale_p=0) == [[]] * 9
+@pytest.mark.parametrize(
+    ("size", "crops", "expected"),
+    [
+        ((375, 500), [((0, 0, 375, 500), 224), ((0, 0, 300, 300), 255)], 1),  # 1.18x: full scale
+        ((1000, 1000), [((0, 0, 900, 900), 224), ((0, 0, 600, 700), 255)], 2),  # 2.35x and 4.0x: 1/2
+        ((2000, 3000), [((0, 0, 1800, 1900), 224), ((0, 0, 1500, 1500), 255)], 4),  # 5.9x, 8.0x: 1/4
+        ((4000, 4000), [((0, 0, 4000, 4000), 224)], 8),  # 17.9x: capped at libjpeg's 1/8
+        ((1000, 1000), [((0, 0, 1000, 1000), 224), ((0, 0, 300, 300), 255)], 1),  # one crop below 2x
+    ],
+)
+def test_dct_reduction_keeps_every_crop_at_least_its_output_size(size, crops, expected):
+    assert dct_reduction(*size, crops) == expected
+    for (_, _, h, w), side in crops:
+        assert min(h, w) / expected >= side
 
 
-def test_jitter_factors_in_range_in_random_order():
-    plans = _plans(500, grayscale_p=0)
-    orders = {tuple(name for name, _ in ops) for ops in plans}
-    assert len(orders) == 24  # all 4! orders of brightness/contrast/saturation/hue occur
-    for ops in plans:
-        for name, factor in ops:
-            assert (-0.2 <= factor <= 0.2) if name == "hue" else (0.6 <= factor <= 1.4)
-    hue = [f for ops in plans for name, f in ops if name == "hue"]
-    assert len(set(hue)) == 500  # every patch its own draw
-
-
-def test_grayscale_probability_and_effect():
-    plans = _plans(2000, seed=1)
-    share = sum(ops[-1][0] == "grayscale" for ops in plans) / len(plans)
-    assert math.isclose(share, 0.2, abs_tol=0.03)
-    image = torch.rand(3, 8, 8, generator=gen(4))
-    grey = apply_photometric(image, [("grayscale", 0.0)])
-    assert grey.shape == (3, 8, 8) and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-
-
-def test_photometric_is_a_function_of_the_generator():
-    assert _plans(9, seed=7) == _plans(9, seed=7)
-    assert _plans(9, seed=7) != _plans(9, seed=8)
-    image = torch.rand(3, 8, 8, generator=gen(5))
-    (ops,) = _plans(1, seed=9)
-    out = apply_photometric(image, ops)
-    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(out, apply_photometric(image, ops))
-    assert torch.equal(apply_photometric(image, [("brightness", 1.0)]), image)
+def test_recipe_view_shapes():
+    jig = PirlRecipe()
+    assert (jig.view_tiles, jig.view_tile_size) == (9, 64)
+    rot = dataclasses.replace(jig, jigsaw_view="rotation")
+    assert (rot.view_tiles, rot.view_tile_size) == (1, 224)
+    assert dataclasses.replace(jig, jigsaw_view="rotation_jigsaw").view_tiles == 9
+    with pytest.raises(ValueError, match="jigsaw_view='shuffle'"):
+        dataclasses.replace(jig, jigsaw_view="shuffle").validate()
