@@ -113,7 +113,7 @@ class MemoryBank(nn.Module):
         the same old row and one of them is stored, which one unspecified (index_copy_ semantics). Loaders
         yield each index at most once per batch, so this does not arise in training.
         """
-        with record_function("bank_update"):
+        with record_function("bank_update_rows"):
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum must be in [0, 1], got {momentum}")
             if feats.shape != (index.shape[0], self.dim):

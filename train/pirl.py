@@ -86,8 +86,11 @@ def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator:
         bank.update(rows, feats, momentum=0.0)
 
 
-def train(cfg: PirlConfig, resume: str | None = None) -> dict:
-    """Runs the configured schedule (or up to run.max_steps); returns the final step's logged record."""
+def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
+    """Runs the configured schedule (or up to run.max_steps); returns the final step's logged record.
+
+    `profiler`: a torch.profiler.profile whose step() is called after every training step (tools/profile.py).
+    """
     cfg.data.recipe.validate()
     if cfg.loss.kind not in ("nce", "infonce"):
         raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
@@ -263,6 +266,8 @@ def train(cfg: PirlConfig, resume: str | None = None) -> dict:
                 window = {k: 0.0 for k in window}
                 window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
             progress.update(1)
+            if profiler is not None:
+                profiler.step()
             if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
                 save(global_step)
     save(global_step)

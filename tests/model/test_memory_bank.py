@@ -159,4 +159,4 @@ def test_bank_phases_are_profiled():
         ids = bank.draw_negatives(torch.tensor([0, 1]), 3)
         bank.fetch(ids)
         bank.update(torch.tensor([0]), torch.randn(1, 4))
-    assert {"bank_draw", "bank_gather", "bank_update"} <= {e.name for e in prof.events()}
+    assert {"bank_draw", "bank_gather", "bank_update_rows"} <= {e.name for e in prof.events()}
