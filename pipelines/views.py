@@ -17,6 +17,7 @@ any layout.
 import numpy as np
 import simplejpeg
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -52,14 +53,22 @@ def decode(jpg, reduction: int = 1, size: tuple[int, int] | None = None) -> torc
     return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
 
 
-def _resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], scale: float, side: int) -> torch.Tensor:
-    """Crop `box` (full-resolution coordinates) of an image decoded at 1/scale, antialiased resize to side^2."""
+def _resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], scale: int, side: int | tuple[int, int]):
+    """Crop `box` (full-resolution coordinates) of an image decoded at 1/scale, antialiased resize to side
+    (an int for a square, or (height, width)).
+
+    At full scale: torch's uint8 kernel (torchvision's pixels). At a reduced scale the box has fractional
+    coordinates; rounding them would shift the view by up to half a decoded pixel, so Pillow's resize, which
+    takes a fractional box with the same antialiased bilinear filter, does those.
+    """
     top, left, h, w = box
-    if scale != 1:
-        _, height, width = image.shape
-        top, left = min(round(top / scale), height - 1), min(round(left / scale), width - 1)
-        h, w = max(1, min(round(h / scale), height - top)), max(1, min(round(w / scale), width - left))
-    return F.resized_crop(image, top, left, h, w, [side, side], antialias=True)
+    out_h, out_w = (side, side) if isinstance(side, int) else side
+    if scale == 1:
+        return F.resized_crop(image, top, left, h, w, [out_h, out_w], antialias=True)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    out = pil.resize((out_w, out_h), Image.Resampling.BILINEAR,
+                     box=(left / scale, top / scale, (left + w) / scale, (top + h) / scale))
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
 def cut_tiles(crop: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
@@ -71,16 +80,16 @@ def cut_tiles(crop: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Ten
     return tiles.permute(0, 3, 1, 2)
 
 
-def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator, *, reduce: bool = True) -> dict:
+def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator) -> dict:
     """JPEG bytes -> uint8 image (3, S, S), patches (K, 3, P, P) (It's tiles) and the drawn geometry.
 
     The geometry depends on the generator and the header's size only, never on the decoder or the decoding
-    scale (reduce=False forces a full-resolution decode, e.g. to measure what reducing changes).
+    scale (recipe.reduced_decoding=False decodes at full resolution, e.g. to measure what reducing changes).
     """
     r = recipe
     height, width = jpeg_size(jpg)
     geo: SampleGeometry = draw_sample_geometry(height, width, r, generator)
-    reduction = dct_reduction(height, width, geo.crops(r)) if reduce else 1
+    reduction = dct_reduction(height, width, geo.crops(r)) if r.reduced_decoding else 1
     image = decode(jpg, reduction, (height, width))
     scale = reduction if image.shape[1] != height else 1  # 1 where a fallback decoder ignored the reduction
     view = _resized_crop(image, geo.image_box, scale, r.image_size)
@@ -111,11 +120,12 @@ def eval_size(height: int, width: int, recipe: PirlRecipe) -> tuple[int, int]:
     return int(size * height / width), size
 
 
-def eval_view(jpg, recipe: PirlRecipe, *, reduce: bool = True) -> torch.Tensor:
+def eval_view(jpg, recipe: PirlRecipe) -> torch.Tensor:
     """JPEG bytes -> (3, S, S) uint8: shorter side to eval_resize_size, centre crop (standard evaluation)."""
     height, width = jpeg_size(jpg)
     target = eval_size(height, width, recipe)
     whole = (0, 0, height, width)
-    reduction = dct_reduction(height, width, [(whole, min(target))]) if reduce else 1
-    view = F.resize(decode(jpg, reduction, (height, width)), list(target), antialias=True)
+    reduction = dct_reduction(height, width, [(whole, min(target))]) if recipe.reduced_decoding else 1
+    image = decode(jpg, reduction, (height, width))
+    view = _resized_crop(image, whole, reduction if image.shape[1] != height else 1, target)
     return F.center_crop(view, [recipe.image_size, recipe.image_size])

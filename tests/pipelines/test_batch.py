@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipelines import batch as B
-from pipelines.batch import check_batch
+from pipelines.batch import check_batch, check_loader_batch
 from pipelines.geometry import cell_origins
 
 
@@ -50,3 +50,35 @@ def test_breakages_are_named(small_recipe, breakage, message):
 def test_label_must_be_absent_when_unlabelled(small_recipe):
     with pytest.raises(ValueError, match="unexpected keys \\['label'\\]"):
         check_batch(valid(small_recipe), small_recipe, labelled=False)
+
+
+def loader_valid(recipe, b=3):
+    g = torch.Generator().manual_seed(0)
+    s, p = recipe.image_size, recipe.patch_size
+    return {
+        B.IMAGE: torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8),
+        B.PATCHES: torch.randint(0, 256, (b, 9, 3, p, p), generator=g, dtype=torch.uint8),
+        B.INDEX: torch.arange(b, dtype=torch.int64),
+    }
+
+
+def test_loader_contract_is_uint8(small_recipe):
+    batch = loader_valid(small_recipe)
+    check_loader_batch(batch, small_recipe, labelled=False)
+    with pytest.raises(ValueError, match="'image' has dtype torch.uint8, expected torch.float32"):
+        check_batch(batch, small_recipe, labelled=False)
+    batch[B.PATCHES] = batch[B.PATCHES].float()
+    with pytest.raises(ValueError, match="'patches' has dtype torch.float32, expected torch.uint8"):
+        check_loader_batch(batch, small_recipe, labelled=False)
+
+
+def test_rotation_view_has_one_image_sized_tile(small_recipe):
+    import dataclasses
+
+    recipe = dataclasses.replace(small_recipe, jigsaw_view="rotation")
+    batch = loader_valid(small_recipe)
+    with pytest.raises(ValueError, match="'patches' has shape"):
+        check_loader_batch(batch, recipe, labelled=False)
+    s = recipe.image_size
+    batch[B.PATCHES] = torch.zeros(3, 1, 3, s, s, dtype=torch.uint8)
+    check_loader_batch(batch, recipe, labelled=False)

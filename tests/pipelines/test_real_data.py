@@ -7,7 +7,8 @@ import torch
 
 import pipelines
 from pipelines import batch as B
-from pipelines.batch import check_batch
+from pipelines.augment import BatchAugment
+from pipelines.batch import check_batch, check_loader_batch
 from pipelines.recipe import PirlRecipe
 from tools.make_shards import build_shards
 
@@ -40,7 +41,10 @@ def imagenet_sample_shards(real_data, tmp_path_factory):
 
 def _check_epoch(loader, recipe, num_classes):
     seen = []
+    stage = BatchAugment(recipe)
     for batch in loader:
+        check_loader_batch(batch, recipe, labelled=True)
+        batch = stage(batch, epoch=0)
         check_batch(batch, recipe, labelled=True)
         for key in (B.IMAGE, B.PATCHES):
             assert NORMALISED_RANGE[0] <= batch[key].min() and batch[key].max() <= NORMALISED_RANGE[1]
@@ -59,9 +63,12 @@ def test_full_resolution_contract_on_imagenette(nette_shards):
     ]
     assert loaders[0].classes == NETTE_CLASSES and len(loaders[0]) == len(loaders[1]) == 7
     seen = []
+    stage = BatchAugment(recipe, seed=1)
     for loader in loaders:
         for batch in loader:
-            check_batch(batch, recipe, labelled=True)  # includes: every patch origin inside its 85-px cell
+            check_loader_batch(batch, recipe, labelled=True)  # includes: every patch origin inside its 85-px cell
+            batch = stage(batch, epoch=0)
+            check_batch(batch, recipe, labelled=True)
             assert batch[B.IMAGE].shape[1:] == (3, 224, 224) and batch[B.PATCHES].shape[1:] == (9, 3, 64, 64)
             assert batch[B.IMAGE].dtype == batch[B.PATCHES].dtype == torch.float32
             assert batch[B.INDEX].dtype == batch[B.LABEL].dtype == torch.int64
@@ -78,7 +85,9 @@ def test_heterogeneous_imagenet_photos(imagenet_sample_shards):
     loader = pipelines.make_loader("reference", str(imagenet_sample_shards), recipe, batch_size=12,
                                    num_workers=2)
     _check_epoch(loader, recipe, num_classes=len(loader.classes))
+    stage = BatchAugment(recipe)
     evaluation = pipelines.make_loader("reference", str(imagenet_sample_shards), recipe, batch_size=12,
                                        num_workers=2, mode="eval")
     for batch in evaluation:
-        check_batch(batch, recipe, labelled=True, mode="eval")
+        check_loader_batch(batch, recipe, labelled=True, mode="eval")
+        check_batch(stage.eval(batch), recipe, labelled=True, mode="eval")

@@ -35,7 +35,7 @@ def test_cpu_scale_down_example_from_the_docstring_is_valid():
         ({"std_g": 0.0}, "std_g"),
         ({"image_size": 0}, "image_size"),
         ({"eval_resize_ratio": 0.5}, "eval_resize_ratio"),
-        ({"jigsaw_view": "rotation"}, "jigsaw_view"),
+        ({"jigsaw_view": "rotate"}, "jigsaw_view"),
     ],
 )
 def test_validate_names_the_bad_field(change, field):

@@ -6,15 +6,22 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 import pipelines
+from torchvision.io import ImageReadMode, decode_jpeg
+
 from pipelines import batch as B
-from pipelines.batch import check_batch
+from pipelines.augment import BatchAugment
+from pipelines.batch import check_batch, check_loader_batch
 from pipelines.geometry import cut_patches
 from pipelines.shard_index import ShardReader
-from pipelines.views import decode
 
 from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
+
+
+def decode(jpg) -> torch.Tensor:
+    """torchvision's decoder: the reference pixels the loader's decoder must reproduce."""
+    return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def make(shards, recipe, **kw):
@@ -42,7 +49,7 @@ def test_exactly_once_over_two_ranks_times_two_workers(small_shards, small_recip
         batches = list(loader)
         assert len(batches) == len(loader)
         for batch in batches:
-            check_batch(batch, small_recipe, labelled=True)
+            check_loader_batch(batch, small_recipe, labelled=True)
             seen += batch[B.INDEX].tolist()
     assert sorted(seen) == list(range(N))
 
@@ -52,7 +59,7 @@ def test_batch_contract_with_geometry(small_shards, small_recipe):
     assert (loader.num_samples, loader.labelled, loader.classes) == (N, True, ["class0", "class1", "class2"])
     labels_of = [k for k, n in enumerate(CLASS_SIZES) for _ in range(n)]  # folder order = idx order
     for batch in loader:
-        check_batch(batch, small_recipe, labelled=True)
+        check_loader_batch(batch, small_recipe, labelled=True)
         assert set(batch) == {B.IMAGE, B.PATCHES, B.INDEX, B.LABEL, *B.GEOMETRY_KEYS}
         assert batch[B.PATCHES].shape[1:] == (9, 3, 12, 12)
         assert batch[B.LABEL].tolist() == [labels_of[i] for i in batch[B.INDEX].tolist()]
@@ -61,7 +68,13 @@ def test_batch_contract_with_geometry(small_shards, small_recipe):
     assert B.PATCH_ORIGIN not in next(iter(make(small_shards, small_recipe)))
 
 
-def test_views_do_not_depend_on_workers_or_ranks(small_shards, small_recipe):
+def test_views_do_not_depend_on_workers_batch_size_or_ranks(small_shards, small_recipe):
+    """Loader and stage together: a sample's model-batch views are a function of (seed, epoch, index)."""
+    stage = BatchAugment(small_recipe, seed=0)
+
+    def painted(loader):
+        return by_index([stage(batch, epoch=1) for batch in loader])
+
     reference = make(small_shards, small_recipe, num_workers=0)
     reference.set_epoch(1)
     ref_batches = list(reference)
@@ -70,12 +83,13 @@ def test_views_do_not_depend_on_workers_or_ranks(small_shards, small_recipe):
     for a, b in zip(ref_batches, workers, strict=True):  # same batches, in sampler order
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    ref = {i: s for batch in ref_batches for i, s in by_index([batch]).items()}
+    ref = painted(ref_batches)
     for rank in range(2):
-        split = make(small_shards, small_recipe, num_workers=1, rank=rank, world_size=2)
+        split = make(small_shards, small_recipe, num_workers=1, rank=rank, world_size=2, batch_size=3)
         split.set_epoch(1)
-        for i, sample in by_index(split).items():
-            assert all(torch.equal(sample[k], ref[i][k]) for k in sample)
+        for i, sample in painted(split).items():
+            for k in sample:
+                torch.testing.assert_close(sample[k], ref[i][k], atol=1e-6, rtol=0)
 
 
 def test_epochs_repeat_exactly_and_differ_from_each_other(small_shards, small_recipe):
@@ -106,42 +120,57 @@ def test_resume_yields_the_tail_of_the_epoch(small_shards, small_recipe):
         loader.skip(2)
 
 
-def test_without_jitter_patches_are_the_crop_regions(small_shards, small_recipe):
-    plain = dataclasses.replace(
-        small_recipe, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0, flip_p=0.0,
-        patch_brightness=0.0, patch_contrast=0.0, patch_saturation=0.0, patch_hue=0.0, patch_grayscale_p=0.0,
-    )
-    loader = make(small_shards, plain, batch_size=8, with_geometry=True)
+def test_views_are_the_drawn_crops_of_the_decoded_image(small_shards, small_recipe):
+    """uint8 views = torchvision's antialiased resized crops of torchvision's decode, at the drawn boxes, pixel for
+    pixel, when decoding at full resolution (reduced decoding: tests/pipelines/test_views.py)."""
+    small_recipe = dataclasses.replace(small_recipe, reduced_decoding=False)
+    loader = make(small_shards, small_recipe, batch_size=8, with_geometry=True)
     reader = ShardReader(loader.table)
-    mean, std = list(plain.mean), list(plain.std)
+    flipped = 0
     for batch in loader:
         for row, i in enumerate(batch[B.INDEX].tolist()):
             decoded = decode(reader.read(i).jpg)
             top, left, h, w = batch[B.JIGSAW_BOX][row].tolist()
             crop = F.resized_crop(decoded, top, left, h, w, [48, 48], antialias=True)  # (3, 48, 48) uint8
-            expected = cut_patches(crop, batch[B.PATCH_ORIGIN][row], 12).float() / 255
-            torch.testing.assert_close(batch[B.PATCHES][row], F.normalize(expected, mean, std), atol=1e-6, rtol=0)
+            assert torch.equal(batch[B.PATCHES][row], cut_patches(crop, batch[B.PATCH_ORIGIN][row], 12))
             top, left, h, w = batch[B.IMAGE_BOX][row].tolist()
-            view = F.resized_crop(decoded, top, left, h, w, [32, 32], antialias=True).float() / 255
-            assert not batch[B.IMAGE_FLIPPED][row]
-            torch.testing.assert_close(batch[B.IMAGE][row], F.normalize(view, mean, std), atol=1e-6, rtol=0)
+            view = F.resized_crop(decoded, top, left, h, w, [32, 32], antialias=True)
+            if batch[B.IMAGE_FLIPPED][row]:
+                view, flipped = F.horizontal_flip(view), flipped + 1
+            assert torch.equal(batch[B.IMAGE][row], view)
+            assert not batch[B.JIGSAW_FLIPPED][row]
+    assert 0 < flipped < N
+
+
+def test_rotation_view_is_a_second_image_view(small_shards, small_recipe):
+    recipe = dataclasses.replace(small_recipe, jigsaw_view="rotation", reduced_decoding=False)
+    loader = make(small_shards, recipe, batch_size=8, with_geometry=True)
+    reader = ShardReader(loader.table)
+    batch = next(iter(loader))
+    check_loader_batch(batch, recipe, labelled=True)
+    assert batch[B.PATCHES].shape[1:] == (1, 3, 32, 32)
+    for row, i in enumerate(batch[B.INDEX].tolist()):
+        top, left, h, w = batch[B.JIGSAW_BOX][row].tolist()
+        view = F.resized_crop(decode(reader.read(i).jpg), top, left, h, w, [32, 32], antialias=True)
+        if batch[B.JIGSAW_FLIPPED][row]:
+            view = F.horizontal_flip(view)
+        assert torch.equal(batch[B.PATCHES][row, 0], view)
+    check_batch(BatchAugment(recipe)(batch, epoch=0), recipe, labelled=True)
 
 
 def test_eval_mode_is_resize_centre_crop_in_order(small_shards, small_recipe):
+    small_recipe = dataclasses.replace(small_recipe, reduced_decoding=False)
     loader = make(small_shards, small_recipe, mode="eval", batch_size=8, num_workers=2)
     batches = list(loader)
     assert torch.cat([b[B.INDEX] for b in batches]).tolist() == list(range(N))
     reader = ShardReader(loader.table)
-    expected_view = v2.Compose([
-        v2.Resize(round(32 * 256 / 224)), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(small_recipe.mean, small_recipe.std),
-    ])
+    expected_view = v2.Compose([v2.Resize(round(32 * 256 / 224)), v2.CenterCrop(32)])
     for batch in batches:
-        check_batch(batch, small_recipe, labelled=True, mode="eval")
+        check_loader_batch(batch, small_recipe, labelled=True, mode="eval")
         assert set(batch) == {B.IMAGE, B.INDEX, B.LABEL}
         for row, i in enumerate(batch[B.INDEX].tolist()):
-            want = expected_view(decode(reader.read(i).jpg))
-            torch.testing.assert_close(batch[B.IMAGE][row], want, atol=1e-6, rtol=0)
+            assert torch.equal(batch[B.IMAGE][row], expected_view(decode(reader.read(i).jpg)))
+        check_batch(BatchAugment(small_recipe).eval(batch), small_recipe, labelled=True, mode="eval")
 
 
 def test_iteration_leaves_the_global_rng_alone(small_shards, small_recipe):
