@@ -104,3 +104,17 @@ def test_phases_are_profiled(net):
         net(*_inputs())
     names = {e.name for e in prof.events()}
     assert {"trunk_image", "trunk_patches", "heads"} <= names
+
+
+@torch.no_grad()
+def test_rotation_view_uses_one_linear_head():
+    """The rotation view's It is one image: g is a single linear layer on its pooled feature (paper A.2)."""
+    torch.manual_seed(0)
+    net = PIRLNet("resnet18", embed_dim=EMBED, num_patches=1).eval()
+    linears = [m for m in net.jigsaw_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 512
+    image, rotated = torch.randn(B, 3, S, S), torch.randn(B, 1, 3, S, S)
+    f_img, g_rot = net(image, rotated)
+    assert g_rot.shape == (B, EMBED)
+    expected = torch.nn.functional.normalize(linears[0](net.trunk(rotated[:, 0])), dim=1)
+    torch.testing.assert_close(g_rot, expected)

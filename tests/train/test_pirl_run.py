@@ -61,6 +61,8 @@ def test_untrusted_checkpoint_is_refused(tmp_path):
     [
         ["--loss.kind=infonce"], ["--loss.shared_negatives=true"], ["--loss.lam=0"], ["--run.bf16=true"],
         ["--loss.bank_init=features"], ["--run.channels_last=true"],
+        ["--data.recipe.jigsaw_view=rotation"], ["--data.recipe.jigsaw_view=rotation_jigsaw"],
+        ["--data.recipe.patch_rotation=true", "--data.recipe.patch_flip_p=0.5"],
     ],
 )
 def test_variants_run_and_log_finite_losses(synthetic_shards, tmp_path, variant):

@@ -1,0 +1,110 @@
+"""Loader-only throughput per backend and worker count, the batched stage's time per batch, and their report."""
+
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+import pipelines
+from pipelines.augment import BatchAugment
+from pipelines.recipe import PirlRecipe
+from tools.profiling import UsageError, decode, machine
+from tools.profiling.report import table
+
+
+def recipe_with(overrides: list[str]) -> PirlRecipe:
+    """The full-resolution default recipe with `key=value` overrides, type-checked as in the training config."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PirlRecipe), OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged).validate()
+    except (OmegaConfBaseException, ValueError) as err:
+        raise UsageError(f"--recipe-overrides: {str(err).splitlines()[0]}") from None
+
+
+def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: int, batches: int,
+                batch_size: int) -> dict:
+    """Samples/s of `batches` batches, wall clock, the first batch of each epoch left out: it pays for the
+    workers' start-up, which a long run pays once. More epochs are read when one has too few batches."""
+    loader = pipelines.make_loader(backend, shard_dir, recipe, batch_size=batch_size, num_workers=workers, seed=0)
+    timed = samples = 0
+    elapsed = 0.0
+    for epoch in range(batches + 1):  # an epoch with a timed batch adds one, so this many always suffice
+        loader.set_epoch(epoch)
+        batch_iter = iter(loader)
+        if next(batch_iter, None) is None or len(loader) < 2:
+            break  # an epoch of one batch never gets past the start-up
+        start = time.perf_counter()
+        for batch in batch_iter:
+            samples += len(batch["index"])
+            timed += 1
+            if timed == batches:
+                break
+        elapsed += time.perf_counter() - start
+        del batch_iter  # stops this epoch's workers before the next epoch starts its own
+        if timed == batches:
+            break
+    if timed == 0:
+        raise UsageError(f"--batch-size {batch_size}: {shard_dir} holds {loader.num_samples} samples, "
+                         f"{len(loader)} batch(es) per epoch; timing needs at least 2")
+    rate = samples / elapsed
+    return {"backend": backend, "workers": workers, "batches": timed, "samples": samples,
+            "samples_per_s": rate, "samples_per_s_per_core": rate / max(1, workers)}
+
+
+def augment_ms(shard_dir: str, recipe: PirlRecipe, batch_size: int, device: torch.device, calls: int = 5) -> float:
+    """Median ms of BatchAugment on one loader batch on `device`, after one warm-up call."""
+    loader = pipelines.make_loader("reference", shard_dir, recipe, batch_size=batch_size, num_workers=0, seed=0)
+    loader.set_epoch(0)
+    raw = next(iter(loader))
+    batch = {"image": raw["image"].to(device), "patches": raw["patches"].to(device), "index": raw["index"]}
+    stage = BatchAugment(recipe)
+    stage(batch, 0)
+    times = []
+    for _ in range(calls):
+        machine.synchronize(device)
+        start = time.perf_counter()
+        stage(batch, 0)
+        machine.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def profile_loaders(shard_dir: str, backends: list[str], workers: list[int], *, batches: int, batch_size: int,
+                    recipe: PirlRecipe) -> dict:
+    jpegs, num_samples = decode.read_jpegs(shard_dir)
+    before, skipped = decode.decode_rates(jpegs)
+    results = []
+    runs = [(b, w) for b in backends for w in workers]
+    for backend, w in tqdm(runs, desc="loaders", unit="run", leave=False):
+        results.append(loader_rate(backend, shard_dir, recipe, workers=w, batches=batches, batch_size=batch_size))
+    after, skipped_after = decode.decode_rates(jpegs)
+    limit = decode.decode_limit(before, after, {**skipped, **skipped_after})
+    for r in results:
+        r["ratio_to_decode"] = r["samples_per_s_per_core"] / limit["samples_per_s_per_core"]
+    device = machine.default_device()
+    return {
+        "decode_limit": limit, "results": results,
+        "augment_ms_per_batch": augment_ms(shard_dir, recipe, batch_size, device),
+        "batch_size": batch_size, "device": machine.describe(device), "shards": str(shard_dir),
+        "num_samples": num_samples, "decode_samples": len(jpegs),
+    }
+
+
+def report(result: dict) -> str:
+    limit = result["decode_limit"]
+    rows = [[r["backend"], r["workers"], r["samples_per_s"], r["samples_per_s_per_core"], r["ratio_to_decode"]]
+            for r in result["results"]]
+    decoders = ", ".join(f"{name} {rate:.1f}" for name, rate in sorted(limit["all"].items(), key=lambda kv: -kv[1]))
+    lines = [
+        f"{result['shards']}: {result['num_samples']} samples, batch {result['batch_size']}, {result['device']}",
+        table(["backend", "workers", "samples/s", "samples/s/core", "ratio_to_decode"], rows),
+        f"decode limit: {limit['samples_per_s_per_core']:.1f} samples/s/core ({limit['decoder']}, full decode of "
+        f"{result['decode_samples']} JPEGs, best of before/after); all: {decoders}",
+        f"batched stage (BatchAugment) on {result['device']}: {result['augment_ms_per_batch']:.1f} ms per batch",
+    ]
+    if limit["skipped"]:
+        lines.append("decoders left out: " + "; ".join(f"{k} ({v})" for k, v in limit["skipped"].items()))
+    return "\n".join(lines)
