@@ -1,5 +1,6 @@
 """Loader-only throughput per backend and worker count, the batched stage's time per batch, and their report."""
 
+import itertools
 import statistics
 import time
 
@@ -29,13 +30,15 @@ def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: in
     """Samples/s of `batches` batches, wall clock, the first batch of each epoch left out: it pays for the
     workers' start-up, which a long run pays once. More epochs are read when one has too few batches."""
     loader = pipelines.make_loader(backend, shard_dir, recipe, batch_size=batch_size, num_workers=workers, seed=0)
+    if len(loader) < 2:  # an epoch of one batch never gets past the start-up
+        raise UsageError(f"--batch-size {batch_size}: {shard_dir} holds {loader.num_samples} samples, "
+                         f"{len(loader)} batch per epoch; timing needs at least 2")
     timed = samples = 0
     elapsed = 0.0
-    for epoch in range(batches + 1):  # an epoch with a timed batch adds one, so this many always suffice
+    for epoch in itertools.count():
         loader.set_epoch(epoch)
         batch_iter = iter(loader)
-        if next(batch_iter, None) is None or len(loader) < 2:
-            break  # an epoch of one batch never gets past the start-up
+        next(batch_iter)
         start = time.perf_counter()
         for batch in batch_iter:
             samples += len(batch["index"])
@@ -46,9 +49,6 @@ def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: in
         del batch_iter  # stops this epoch's workers before the next epoch starts its own
         if timed == batches:
             break
-    if timed == 0:
-        raise UsageError(f"--batch-size {batch_size}: {shard_dir} holds {loader.num_samples} samples, "
-                         f"{len(loader)} batch(es) per epoch; timing needs at least 2")
     rate = samples / elapsed
     return {"backend": backend, "workers": workers, "batches": timed, "samples": samples,
             "samples_per_s": rate, "samples_per_s_per_core": rate / max(1, workers)}
