@@ -42,9 +42,10 @@ def step_rate(arch: str, batch: int, image_size: int, patch_size: int, steps: in
 
 
 def profile_model(arch: str, settings: list[str], steps: int) -> dict:
+    parsed = [parse_setting(text) for text in settings]  # every typo reported before the first run
     results = []
-    for text in settings:
-        rate = step_rate(arch, *parse_setting(text), steps)
+    for text, setting in zip(settings, parsed):
+        rate = step_rate(arch, *setting, steps)
         results.append({"setting": text, "img_per_s": rate, "ratio_to_first": rate / results[0]["img_per_s"]
                         if results else 1.0})
     return {"arch": arch, "steps": steps, "results": results, "device": machine.cpu_description()}

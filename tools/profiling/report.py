@@ -33,7 +33,7 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:#.3g}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 

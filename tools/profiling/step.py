@@ -34,7 +34,10 @@ def profile_step(config: str | None, overrides: list[str], *, steps: int, warmup
         # The first steps also pay for set-up (workers, bank initialisation, allocator): warm-up, not recorded.
         with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
                      record_shapes=False) as prof:
-            train(cfg, profiler=prof)
+            try:
+                train(cfg, profiler=prof)
+            except ConfigError as err:  # a value only train() checks, e.g. loss.kind
+                raise UsageError(f"config: {err}") from None
     if trace:
         prof.export_chrome_trace(trace)
     result = summarise(prof.key_averages(), batch_size=cfg.data.batch_size)

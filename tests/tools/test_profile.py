@@ -1,0 +1,193 @@
+"""tools/profile.py: each subcommand's numbers and files on tiny synthetic shards, and its command-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipelines
+from pipelines.augment import BatchAugment
+from pipelines.recipe import PirlRecipe
+from tools.make_shards import build_shards
+from tools.profile import main
+from tools.profiling import UsageError
+from tools.profiling.augment import per_view_loop, random_batch
+from tools.profiling.decode import decode_limit
+from tools.profiling.loaders import loader_rate
+from tools.profiling.step import PHASES
+from tools.synthetic_data import write_synthetic
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["image_size=32", "jigsaw_size=48", "patch_size=16"]  # a recipe small enough for unit tests
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """20 synthetic 64 px images (2 per class) in several shards."""
+    root = tmp_path_factory.mktemp("profile")
+    write_synthetic(root / "images", per_class=2, size=64, seed=0)
+    build_shards(root / "images", root / "shards", workers=0, shard_size=20_000)
+    return root / "shards"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Measured on the shared 2-core machine: while another process holds a core, 2 intra-op threads run these
+    tiny models ~7x slower than 1. One thread keeps the tests' time steady; the numbers are not compared."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def tiny_overrides(shards, out_dir):
+    """tests/train/conftest.py's tiny run: 32 px views, 16 px patches, 8 negatives, ResNet-18."""
+    return [
+        f"--data.shards={shards}", f"--run.out_dir={out_dir}",
+        "--data.batch_size=8", "--data.num_workers=0",
+        "--data.recipe.image_size=32", "--data.recipe.jigsaw_size=48", "--data.recipe.patch_size=16",
+        "--model.arch=resnet18", "--loss.num_negatives=8", "--optim.epochs=2",
+        "--run.log_every=1", "--run.ckpt_every=3", "--run.tensorboard=false", "--run.cpu=true",
+    ]
+
+
+def test_loaders_reports_every_backend_and_worker_count_against_the_decode_limit(shards, tmp_path, capsys):
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    argv = ["loaders", "--shards", str(shards), "--recipe-overrides", ",".join(SMALL), "--workers", "0,1",
+            "--batches", "2", "--batch-size", "4", "--json", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert {"decode_limit", "results", "augment_ms_per_batch", "batch_size", "device", "shards", "num_samples",
+            "command"} <= result.keys()
+    assert result["batch_size"] == 4 and result["num_samples"] == 20 and result["shards"] == str(shards)
+    assert result["command"].startswith("python tools/profile.py loaders --shards")
+    assert result["device"].startswith("cpu: ") and "cores)" in result["device"]
+    assert result["augment_ms_per_batch"] > 0
+
+    limit = result["decode_limit"]
+    assert {"torchvision", "simplejpeg", "pillow"} <= limit["all"].keys()  # always installed with the project
+    assert limit["decoder"] == max(limit["all"], key=limit["all"].get)
+    assert limit["samples_per_s_per_core"] == limit["all"][limit["decoder"]] > 0
+    for name, rate in limit["all"].items():  # the best of the runs before and after the loaders
+        assert rate == max(limit["before"].get(name, 0), limit["after"].get(name, 0))
+
+    runs = {(r["backend"], r["workers"]): r for r in result["results"]}
+    assert sorted(runs) == sorted((b, w) for b in pipelines.BACKENDS for w in (0, 1))
+    for (_, workers), r in runs.items():
+        assert r["batches"] == 2 and r["samples"] == 8  # the start-up batch is not counted
+        assert r["samples_per_s"] > 0
+        assert r["samples_per_s_per_core"] == pytest.approx(r["samples_per_s"] / max(1, workers))
+        assert r["ratio_to_decode"] == pytest.approx(r["samples_per_s_per_core"] / limit["samples_per_s_per_core"])
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    table = capsys.readouterr().out
+    assert "ratio_to_decode" in table and "decode limit" in table
+
+
+def test_loader_rate_reads_further_epochs_when_one_is_too_short(shards):
+    recipe = PirlRecipe(image_size=32, jigsaw_size=48, patch_size=16)
+    # 20 samples in batches of 4: 5 per epoch, 4 timed after the start-up batch, so 7 need a second epoch.
+    r = loader_rate("reference", str(shards), recipe, workers=0, batches=7, batch_size=4)
+    assert r["batches"] == 7 and r["samples"] == 28
+    with pytest.raises(UsageError, match="at least 2"):  # one batch per epoch: nothing left after start-up
+        loader_rate("reference", str(shards), recipe, workers=0, batches=2, batch_size=20)
+
+
+def test_decode_limit_keeps_the_faster_of_the_two_runs():
+    limit = decode_limit({"a": 10.0, "b": 30.0}, {"a": 40.0, "b": 20.0}, {})
+    assert limit["all"] == {"a": 40.0, "b": 30.0}
+    assert limit["decoder"] == "a" and limit["samples_per_s_per_core"] == 40.0
+
+
+def test_step_profiles_every_phase(shards, tmp_path, capsys):
+    out, trace, png, run = tmp_path / "step.json", tmp_path / "trace.json", tmp_path / "step.png", tmp_path / "run"
+    argv = ["step", "--config", str(REPO / "train/configs/cpu_small.yaml"), *tiny_overrides(shards, run),
+            "--steps", "2", "--warmup", "1", "--json", str(out), "--trace", str(trace), "--plot", str(png)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["batch_size"] == 8
+    assert result["overrides"] == tiny_overrides(shards, run)
+    phases = result["phases"]
+    assert set(PHASES) <= phases.keys()
+    for name in PHASES:
+        assert phases[name]["cpu_ms"] >= 0 and phases[name]["device_ms"] is None  # no GPU here
+    assert phases["trunk_patches"]["cpu_ms"] > 0 and phases["backward"]["cpu_ms"] > 0
+    assert result["step_ms"] > 0
+    # The phases are disjoint parts of the step: together no longer than it, the rest is "other".
+    total = sum(p["cpu_ms"] for p in phases.values())
+    assert total <= result["step_ms"] * 1.001
+    assert result["other_ms"] == pytest.approx(result["step_ms"] - total)
+    assert 0 <= result["data_stall_share"] <= 1
+    assert result["data_stall_share"] == pytest.approx(phases["data_wait"]["cpu_ms"] / result["step_ms"])
+    assert result["img_per_s"] == pytest.approx(8 / (result["step_ms"] / 1000))
+    assert "traceEvents" in json.loads(trace.read_text())
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert (run / "config.yaml").exists()  # --run.out_dir given: the run went there, not to a temporary folder
+    assert "backward" in capsys.readouterr().out
+
+
+def test_model_compares_settings_with_the_first(tmp_path):
+    out = tmp_path / "model.json"
+    assert main(["model", "--setting", "2:32:16", "--setting", "4:32:16", "--steps", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["setting"] for r in results] == ["2:32:16", "4:32:16"]
+    assert results[0]["ratio_to_first"] == 1.0
+    assert results[1]["ratio_to_first"] == pytest.approx(results[1]["img_per_s"] / results[0]["img_per_s"])
+    assert all(r["img_per_s"] > 0 for r in results)
+
+
+def test_augment_without_compile(tmp_path):
+    out = tmp_path / "augment.json"
+    argv = ["augment", "--batch-size", "2", "--threads", "1", "--repeats", "1", "--no-compile", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 2 and result["image_size"] == 224 and result["patch_size"] == 64
+    (r,) = result["results"]
+    assert r["threads"] == 1 and r["loop_ms"] > 0 and r["eager_ms"] > 0
+    assert r["compiled_ms"] is None and r["compile_s"] is None and r["loop_over_compiled"] is None
+    assert r["loop_over_eager"] == pytest.approx(r["loop_ms"] / r["eager_ms"])
+    assert r["loop1_over_loop"] == 1.0 and result["loop_1_thread_ms"] == r["loop_ms"]
+
+
+def test_the_loop_and_the_batched_stage_compute_the_same_views():
+    """The comparison is fair only if both sides do the same work: same draws, same pixels out."""
+    recipe = PirlRecipe(image_size=32, jigsaw_size=48, patch_size=16)
+    batch = random_batch(recipe, 3)
+    loop, stage = per_view_loop(recipe, batch), BatchAugment(recipe)(batch, 0)
+    torch.testing.assert_close(loop["image"], stage["image"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(loop["patches"], stage["patches"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--workers", "1,x"], "'x'"),
+    (["--recipe-overrides", "image_size=32,no_such_field=1"], "no_such_field"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_loader_options_exit_2_naming_the_value(shards, capsys, argv, named):
+    assert main(["loaders", "--shards", str(shards), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+
+
+def test_missing_shards_folder_exits_2(tmp_path, capsys):
+    assert main(["loaders", "--shards", str(tmp_path / "nope")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_command_line_unknown_backend_exits_2_naming_it(shards):
+    """As a script from the repo root: the path set-up works and the error is one line."""
+    command = [sys.executable, "tools/profile.py", "loaders", "--shards", str(shards), "--backends", "reference,nope"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'nope'" in lines[0] and "reference" in lines[0]
+
+
+def test_help_of_every_subcommand(capsys):
+    for argv in ([], ["loaders"], ["step"], ["model"], ["augment"]):
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--help"])
+        assert done.value.code == 0
+    assert "--no-compile" in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"""Throughput profiling: where the time of a PIRL step goes, and how fast each input pipeline can go.
+
+    python tools/profile.py loaders --shards DIR [--backends reference] [--workers 1,2] [--json OUT] [--plot PNG]
+    python tools/profile.py step --config train/configs/cpu_small.yaml --data.shards=DIR [--steps 10] [--trace T]
+    python tools/profile.py model --setting 32:64:32 --setting 64:64:24 [--arch resnet18] [--steps 4]
+    python tools/profile.py augment [--batch-size 64] [--threads 1,2] [--no-compile]
+
+Each prints a table and, with --json, writes every number with the command line and the device. On a shared
+machine compare numbers taken in the same run (ratios), not across runs. The measurements live in
+tools/profiling/, one module per subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# Imported first: importing `tools` takes tools/ off sys.path (tools/__init__.py), where this file would stand in
+# for the standard library's `profile` module, before anything imports torch (which imports cProfile).
+from tools.profiling import UsageError
+from tools.profiling.report import command_line, parse_list, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{loaders,step,model,augment}")
+
+    p = sub.add_parser("loaders", allow_abbrev=False, help="loader-only samples/s against the JPEG decode limit")
+    p.add_argument("--shards", required=True, help="folder written by tools/make_shards.py")
+    p.add_argument("--backends", help="comma-separated keys of pipelines.BACKENDS (default: all)")
+    p.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts (0: this process)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per run, after one start-up batch")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--recipe-overrides", default="", help="PirlRecipe fields, e.g. image_size=64,patch_size=24")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+
+    p = sub.add_parser("step", allow_abbrev=False, help="a short training run under torch.profiler, by phase",
+                       epilog="Any other --section.key=value is a training-config override, as for train/pirl.py.")
+    p.add_argument("--config", help="YAML file of overrides (see train/configs/)")
+    p.add_argument("--steps", type=int, default=10, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps run first and not recorded (set-up, warm caches)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a bar chart of the phases (PNG) here")
+    p.add_argument("--trace", help="write the profiler's Chrome trace (JSON) here")
+
+    p = sub.add_parser("model", allow_abbrev=False, help="the model's training step alone on random inputs")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--setting", action="append", required=True, help="BATCH:IMAGE_SIZE:PATCH_SIZE (repeatable)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per setting")
+    p.add_argument("--json", help="write the results here")
+
+    p = sub.add_parser("augment", allow_abbrev=False, help="the batched stage against the per-view loop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant; the best counts")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch intra-op thread counts")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (~40 s to compile)")
+    p.add_argument("--json", help="write the results here")
+    return parser
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+
+
+def run_loaders(args: argparse.Namespace, _overrides: list[str]) -> dict:
+    import pipelines
+    from tools.profiling import loaders, plots
+
+    backends = parse_list(args.backends, "--backends") if args.backends else list(pipelines.BACKENDS)
+    for name in backends:
+        if name not in pipelines.BACKENDS:
+            raise UsageError(f"--backends: unknown backend {name!r}; valid: {', '.join(sorted(pipelines.BACKENDS))}")
+    if not Path(args.shards).is_dir():
+        raise UsageError(f"--shards: no such folder: {args.shards}")
+    _positive(args, "batches", "batch_size")
+    workers = parse_list(args.workers, "--workers", int, minimum=0)
+    recipe = loaders.recipe_with(parse_list(args.recipe_overrides, "--recipe-overrides")
+                                 if args.recipe_overrides else [])
+    result = loaders.profile_loaders(args.shards, backends, workers, batches=args.batches,
+                                     batch_size=args.batch_size, recipe=recipe)
+    print(loaders.report(result))
+    if args.plot:
+        plots.loaders_chart(result, args.plot)
+    return result
+
+
+def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
+    from tools.profiling import plots, step
+
+    _positive(args, "steps")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup: must be >= 0, got {args.warmup}")
+    result = step.profile_step(args.config, overrides, steps=args.steps, warmup=args.warmup, trace=args.trace)
+    print(step.report(result))
+    if args.plot:
+        plots.step_chart(result, args.plot)
+    return result
+
+
+def run_model(args: argparse.Namespace, _overrides: list[str]) -> dict:
+    from tools.profiling import model
+
+    _positive(args, "steps")
+    result = model.profile_model(args.arch, args.setting, args.steps)
+    print(model.report(result))
+    return result
+
+
+def run_augment(args: argparse.Namespace, _overrides: list[str]) -> dict:
+    from tools.profiling import augment
+
+    _positive(args, "batch_size", "repeats")
+    threads = parse_list(args.threads, "--threads", int, minimum=1)
+    result = augment.profile_augment(args.batch_size, args.repeats, threads, compile=not args.no_compile)
+    print(augment.report(result))
+    return result
+
+
+COMMANDS = {"loaders": run_loaders, "step": run_step, "model": run_model, "augment": run_augment}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "step":  # only `step` takes pass-through (training-config) options
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        result = COMMANDS[args.command](args, extra)
+    except UsageError as err:
+        print(f"profile.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    result["command"] = command_line(argv)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
