@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines import batch as B
+from pipelines import paint_cpu
 from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, NONE, SATURATION, Jitter, draw_jitter
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
@@ -35,6 +36,7 @@ from pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
 _FLIP, _ROTATION = JITTER_DRAWS, JITTER_DRAWS + 1
 VIEW_DRAWS = JITTER_DRAWS + 2
 GROUP_BY = ("order", "hue")
+KERNEL_CHOICES = ("auto", "numba", "tensor", "compiled")
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), in its order of operations.
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -93,18 +95,27 @@ class BatchAugment:
     """Loader batch -> model batch, on the batch's device. `stage(batch, epoch)` for pretraining,
     `stage.eval(batch)` for evaluation.
 
-    compile=True runs the pixel kernels through torch.compile (inductor: C++ on the CPU, triton on CUDA),
-    which fuses each kernel into one loop; the first batch then pays a one-off compilation. group_by=None
-    picks the faster grouping for the kernels and device (see _group_by).
+    kernels: which implementation paints (all exact against torchvision, all tested on the CPU):
+    - "numba": pipelines/paint_cpu.py, one fused pass per view (CPU tensors only; needs numba);
+    - "tensor": the whole-tensor kernels below, on any device (CUDA's path);
+    - "compiled": the same through torch.compile (inductor: C++ on the CPU, triton on CUDA), one fused loop per
+      kernel; the first batch pays a one-off compilation, and a failure to compile falls back to "tensor";
+    - "auto": "numba" for CPU batches where numba imports, else "tensor".
+    group_by=None picks the faster grouping of views for the tensor kernels and device (see _group_by).
     """
 
-    def __init__(self, recipe: PirlRecipe, seed: int = 0, group_by: str | None = None, compile: bool = False):
+    def __init__(self, recipe: PirlRecipe, seed: int = 0, kernels: str = "auto", group_by: str | None = None):
         if group_by is not None and group_by not in GROUP_BY:
             raise ValueError(f"group_by must be one of {GROUP_BY} or None, got {group_by!r}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        if kernels == "numba" and not paint_cpu.available():
+            raise ImportError("kernels='numba' needs numba (pip install numba); or use kernels='tensor'")
         self.recipe = recipe.validate()
         self.seed = seed
+        self.kernels = kernels
         self.group_by = group_by
-        self.compile = compile
+        self.compile = kernels == "compiled"
 
     def __call__(self, batch: dict, epoch: int) -> dict:
         r = self.recipe
@@ -167,6 +178,11 @@ class BatchAugment:
         """
         if views.dtype != torch.uint8:
             raise TypeError(f"the loader batch holds uint8 pixels (pipelines/batch.py), got {views.dtype}")
+        cpu = views.device.type == "cpu"
+        if self.kernels == "numba" and not cpu:
+            raise ValueError(f"kernels='numba' paints CPU tensors only, got a batch on {views.device}")
+        if self.kernels == "numba" or (self.kernels == "auto" and cpu and paint_cpu.available()):
+            return paint_cpu.paint(views, jitter, self.recipe.mean, self.recipe.std)
         k = self._kernel
         out = torch.empty(views.shape, dtype=torch.float32, device=views.device)
         mean = torch.tensor(self.recipe.mean, dtype=torch.float32, device=views.device)

@@ -24,7 +24,7 @@ class DataConfig:
     backend: str = "reference"  # a key of pipelines.BACKENDS
     batch_size: int = 32  # per process; the paper uses 32 per GPU x 32 GPUs (supplement A)
     num_workers: int = 4  # DataLoader workers per process
-    augment_compile: bool = False  # torch.compile the batched stage's pixel kernels (README: faster, compiles once)
+    augment_kernels: str = "auto"  # batched stage: auto (numba on CPU, tensor ops elsewhere), numba, tensor, compiled
     recipe: PirlRecipe = field(default_factory=PirlRecipe)
 
 

@@ -57,7 +57,7 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrai
 
 def build_augment(cfg: PirlConfig) -> BatchAugment:
     """The batched stage every backend's loader batch goes through on the training device."""
-    return BatchAugment(cfg.data.recipe, seed=cfg.run.seed, compile=cfg.data.augment_compile)
+    return BatchAugment(cfg.data.recipe, seed=cfg.run.seed, kernels=cfg.data.augment_kernels)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

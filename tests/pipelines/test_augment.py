@@ -56,12 +56,12 @@ def reference(batch: dict, recipe: PirlRecipe, seed: int, epoch: int) -> tuple[t
     return torch.stack(images), torch.stack(tiles).view(b, k, *tiles[0].shape)
 
 
-@pytest.mark.parametrize("group_by", ["order", "hue"])
+@pytest.mark.parametrize(("kernels", "group_by"), [("numba", None), ("tensor", "order"), ("tensor", "hue")])
 @pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
-def test_stage_equals_torchvision_per_view(group_by, view):
+def test_stage_equals_torchvision_per_view(kernels, group_by, view):
     recipe = dataclasses.replace(SMALL, jigsaw_view=view, patch_flip_p=0.5, patch_rotation=view != "rotation")
     batch = loader_batch(recipe)
-    out = BatchAugment(recipe, seed=5, group_by=group_by)(batch, epoch=3)
+    out = BatchAugment(recipe, seed=5, kernels=kernels, group_by=group_by)(batch, epoch=3)
     check_batch(out, recipe, labelled=True)
     image, tiles = reference(batch, recipe, seed=5, epoch=3)
     torch.testing.assert_close(out[B.IMAGE], image, atol=ATOL, rtol=0)
@@ -72,7 +72,7 @@ def test_stage_equals_torchvision_per_view(group_by, view):
 def test_compiled_kernels_equal_torchvision():
     recipe = SMALL
     batch = loader_batch(recipe, b=12)
-    out = BatchAugment(recipe, seed=1, compile=True)(batch, epoch=0)
+    out = BatchAugment(recipe, seed=1, kernels="compiled")(batch, epoch=0)
     image, tiles = reference(batch, recipe, seed=1, epoch=0)
     torch.testing.assert_close(out[B.IMAGE], image, atol=ATOL, rtol=0)
     torch.testing.assert_close(out[B.PATCHES], tiles, atol=ATOL, rtol=0)
@@ -121,10 +121,11 @@ def test_rotation_view_rotates_by_quarter_turns_exactly():
         torch.testing.assert_close(out[i, 0], F.normalize(want, recipe.mean, recipe.std), atol=ATOL, rtol=0)
 
 
-def test_draws_depend_on_sample_not_on_batch_or_position():
+@pytest.mark.parametrize("kernels", ["numba", "tensor"])
+def test_draws_depend_on_sample_not_on_batch_or_position(kernels):
     recipe = dataclasses.replace(SMALL, patch_rotation=True, patch_flip_p=0.5)
     batch = loader_batch(recipe, b=12)
-    stage = BatchAugment(recipe, seed=9)
+    stage = BatchAugment(recipe, seed=9, kernels=kernels)
     whole = stage(batch, epoch=2)
     order = torch.tensor([11, 3, 7, 0, 5])
     part = stage({k: v[order] for k, v in batch.items()}, epoch=2)
@@ -153,3 +154,5 @@ def test_bad_inputs_are_named():
         stage({**batch, B.PATCHES: batch[B.PATCHES][:, :4]}, epoch=0)
     with pytest.raises(ValueError, match="group_by"):
         BatchAugment(SMALL, group_by="size")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        BatchAugment(SMALL, kernels="cuda")

@@ -59,7 +59,9 @@ def best_ms(fn, repeats: int) -> float:
 def profile_augment(batch_size: int, repeats: int, threads: list[int], compile: bool) -> dict:
     recipe = PirlRecipe()
     batch = random_batch(recipe, batch_size)
-    eager = BatchAugment(recipe, compile=False)
+    eager = BatchAugment(recipe, kernels="tensor")
+    fused = BatchAugment(recipe, kernels="numba")
+    fused(batch, EPOCH)  # numba compiles (or loads its cache) on the first call
     saved_threads = torch.get_num_threads()
     results, loop1 = [], None
     try:
@@ -70,13 +72,15 @@ def profile_augment(batch_size: int, repeats: int, threads: list[int], compile: 
             loop1 = loop1 or r["loop_ms"]
             if t in threads:
                 r["eager_ms"] = best_ms(lambda: eager(batch, EPOCH), repeats)
+                r["numba_ms"] = best_ms(lambda: fused(batch, EPOCH), repeats)
                 r.update(_compiled(recipe, batch, repeats) if compile else {"compile_s": None, "compiled_ms": None})
                 results.append(r)
     finally:
         torch.set_num_threads(saved_threads)
     for r in results:
         compiled = r["compiled_ms"]
-        r.update(loop_over_eager=r["loop_ms"] / r["eager_ms"],
+        r.update(loop_over_eager=r["loop_ms"] / r["eager_ms"], loop_over_numba=r["loop_ms"] / r["numba_ms"],
+                 loop1_over_numba=loop1 / r["numba_ms"],
                  loop_over_compiled=r["loop_ms"] / compiled if compiled else None,
                  loop1_over_loop=loop1 / r["loop_ms"], loop1_over_eager=loop1 / r["eager_ms"],
                  loop1_over_compiled=loop1 / compiled if compiled else None)
@@ -87,7 +91,7 @@ def profile_augment(batch_size: int, repeats: int, threads: list[int], compile: 
 
 def _compiled(recipe: PirlRecipe, batch: dict, repeats: int) -> dict:
     """Compiled stage: the first call (compilation, or a recompile for a new thread count) timed on its own."""
-    stage = BatchAugment(recipe, compile=True)
+    stage = BatchAugment(recipe, kernels="compiled")
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,13 +104,15 @@ def _compiled(recipe: PirlRecipe, batch: dict, repeats: int) -> dict:
 
 
 def report(result: dict) -> str:
-    rows = [[r["threads"], r["loop_ms"], r["eager_ms"], r["compiled_ms"], r["compile_s"], r["loop_over_eager"],
-             r["loop_over_compiled"], r["loop1_over_loop"], r["loop1_over_eager"], r["loop1_over_compiled"]]
+    rows = [[r["threads"], r["loop_ms"], r["numba_ms"], r["eager_ms"], r["compiled_ms"], r["compile_s"],
+             r["loop_over_numba"], r["loop_over_eager"], r["loop_over_compiled"], r["loop1_over_numba"],
+             r["loop1_over_eager"], r["loop1_over_compiled"]]
             for r in result["results"]]
     return "\n".join([
         f"batch {result['batch_size']}: image {result['image_size']} px + 9 patches of {result['patch_size']} px, "
         f"ms per batch (best of {result['repeats']}), {result['device']}",
-        table(["threads", "loop ms", "eager ms", "compiled ms", "compile s", "loop/eager", "loop/compiled",
-               "loop1/loop", "loop1/eager", "loop1/compiled"], rows),
-        "loop1 = the per-view loop on 1 thread; compile s = the compiled stage's first call (compilation)",
+        table(["threads", "loop ms", "numba ms", "tensor ms", "compiled ms", "compile s", "loop/numba",
+               "loop/tensor", "loop/compiled", "loop1/numba", "loop1/tensor", "loop1/compiled"], rows),
+        "kernels: numba (default on the CPU), tensor (eager torch ops), compiled (torch.compile); loop1 = the "
+        "per-view loop on 1 thread; compile s = the compiled stage's first call",
     ])

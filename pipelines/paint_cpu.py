@@ -1,0 +1,120 @@
+"""The batched stage's photometric work as one fused CPU kernel (numba): every pixel of every view read once.
+
+Why a second implementation beside the tensor kernels of pipelines/augment.py: on a CPU each tensor op streams
+its whole input through memory, and a view's plan is ~40 such ops; per pixel the work is ~60 flops. A loop that
+applies a view's whole plan to one pixel at a time does the same arithmetic without the traffic (measured:
+README, "The batched stage"). It follows torchvision's formulas op for op in float32 (hue: the same equivalent
+formula as pipelines.augment.hue) and is tested against torchvision like the tensor kernels. The GPU path stays
+on the tensor kernels, which are tested on the CPU too.
+"""
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # an optional speed-up: pipelines/augment.py falls back to its tensor kernels
+    numba = None
+
+from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, NONE, SATURATION, Jitter
+
+_F = np.float32
+LUMA_R, LUMA_G, LUMA_B = _F(0.2989), _F(0.587), _F(0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _jit(fn):
+    return numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)(fn) if numba is not None else fn
+
+
+def _hue_pixel(r, g, b, shift):
+    """torchvision's adjust_hue on one pixel (the formula of pipelines.augment.hue)."""
+    one, zero = _F(1.0), _F(0.0)
+    hi = max(max(r, g), b)
+    lo = min(min(r, g), b)
+    span = hi - lo
+    if r == hi:
+        h6 = (g - b) / max(span, _F(1e-30))
+    elif g == hi:
+        h6 = (b - r) / max(span, _F(1e-30)) + _F(2.0)
+    else:
+        h6 = (r - g) / max(span, _F(1e-30)) + _F(4.0)
+    h6 = h6 + shift * _F(6.0)  # in [-4, 8]: wrap into [0, 6)
+    if h6 < zero:
+        h6 += _F(6.0)
+    elif h6 >= _F(6.0):
+        h6 -= _F(6.0)
+    three = _F(3.0)
+    return (lo + span * min(max(abs(abs(h6) - three) - one, zero), one),
+            lo + span * min(max(abs(abs(h6 - _F(2.0)) - three) - one, zero), one),
+            lo + span * min(max(abs(abs(h6 - _F(4.0)) - three) - one, zero), one))
+
+
+def _paint(views, order, factor, gray, mean, std, out):
+    """views (N, P, 3) uint8 (P pixels of HWC storage); order (N, 4) int64; factor (N, 4) float32 per step;
+    gray (N,) bool; mean, std (3,) float32; out (N, 3, P) float32, also the working buffer.
+
+    View by view (in parallel), op by op over the view's planes while they sit in the cache: each op is a
+    simple loop the compiler vectorises, and contrast reads the mean grey of the view as it is at its step.
+    """
+    n, pixels, _ = views.shape
+    one, zero, scale = _F(1.0), _F(0.0), _F(1.0 / 255)
+    for v in numba.prange(n):
+        x = out[v]
+        src = views[v]
+        for i in range(pixels):
+            for c in range(3):
+                x[c, i] = src[i, c] * scale
+        for step in range(4):
+            op, f = order[v, step], factor[v, step]
+            if op == BRIGHTNESS:
+                for c in range(3):
+                    for i in range(pixels):
+                        x[c, i] = min(max(x[c, i] * f, zero), one)
+            elif op == CONTRAST:
+                total = 0.0
+                for i in range(pixels):
+                    total += x[0, i] * LUMA_R + x[1, i] * LUMA_G + x[2, i] * LUMA_B
+                rest = _F(total / pixels) * (one - f)
+                for c in range(3):
+                    for i in range(pixels):
+                        x[c, i] = min(max(x[c, i] * f + rest, zero), one)
+            elif op == SATURATION:
+                for i in range(pixels):
+                    rest = (x[0, i] * LUMA_R + x[1, i] * LUMA_G + x[2, i] * LUMA_B) * (one - f)
+                    for c in range(3):
+                        x[c, i] = min(max(x[c, i] * f + rest, zero), one)
+            elif op == HUE:
+                for i in range(pixels):
+                    x[0, i], x[1, i], x[2, i] = _hue_pixel(x[0, i], x[1, i], x[2, i], f)
+        if gray[v]:
+            for i in range(pixels):
+                y = x[0, i] * LUMA_R + x[1, i] * LUMA_G + x[2, i] * LUMA_B
+                x[0, i] = y
+                x[1, i] = y
+                x[2, i] = y
+        for c in range(3):
+            for i in range(pixels):
+                x[c, i] = (x[c, i] - mean[c]) / std[c]
+
+
+if numba is not None:
+    _hue_pixel = numba.njit(inline="always", fastmath=False, cache=True)(_hue_pixel)
+_paint = _jit(_paint)
+
+
+def paint(views: torch.Tensor, jitter: Jitter, mean: list[float], std: list[float]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 CPU tensor (any strides) -> (N, 3, H, W) float32: jittered, grayscaled, normalised."""
+    n, _, height, width = views.shape
+    hwc = views.permute(0, 2, 3, 1).contiguous().numpy()  # free for the reference loader's channels-last views
+    step_factor = jitter.factor.gather(1, jitter.order.clamp_max(HUE))
+    step_factor = torch.where(jitter.order == NONE, 1.0, step_factor).to(torch.float32).numpy()
+    out = np.empty((n, 3, height * width), dtype=np.float32)
+    # As many threads as torch's intra-op setting, so torch.set_num_threads governs the whole stage.
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _paint(hwc.reshape(n, height * width, 3), jitter.order.numpy(), step_factor, jitter.gray.numpy(),
+           np.asarray(mean, np.float32), np.asarray(std, np.float32), out)
+    return torch.from_numpy(out).view(n, 3, height, width)
