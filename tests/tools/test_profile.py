@@ -10,6 +10,7 @@ import torch
 import pipelines
 from pipelines.augment import BatchAugment
 from pipelines.recipe import PirlRecipe
+from tests.train.conftest import tiny_overrides
 from tools.make_shards import build_shards
 from tools.profile import main
 from tools.profiling import UsageError
@@ -41,17 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-def tiny_overrides(shards, out_dir):
-    """tests/train/conftest.py's tiny run: 32 px views, 16 px patches, 8 negatives, ResNet-18."""
-    return [
-        f"--data.shards={shards}", f"--run.out_dir={out_dir}",
-        "--data.batch_size=8", "--data.num_workers=0",
-        "--data.recipe.image_size=32", "--data.recipe.jigsaw_size=48", "--data.recipe.patch_size=16",
-        "--model.arch=resnet18", "--loss.num_negatives=8", "--optim.epochs=2",
-        "--run.log_every=1", "--run.ckpt_every=3", "--run.tensorboard=false", "--run.cpu=true",
-    ]
 
 
 def test_loaders_reports_every_backend_and_worker_count_against_the_decode_limit(shards, tmp_path, capsys):
