@@ -14,11 +14,12 @@ Randomness: every parameter of sample i in epoch e is a counter-based hash of (s
 (pipelines.rng.counter_uniform), drawn on the host from the batch's `index` for the whole batch in a few
 tensor ops: independent of batch composition, rank, worker count and device.
 
-How the work is grouped: views that apply the same ops in the same order run as one set of whole-tensor ops
-(group_by="order": at most 24 groups, no wasted arithmetic; the CPU default, where op launches are cheap).
-On CUDA, where each launch costs more than the arithmetic, views are grouped by the position of the hue op
-only (group_by="hue": at most 5 groups) and the other steps blend each view with its own op's reference
-image in one masked pass. Both are exact, and both are tested on the CPU against torchvision.
+Who paints: on the CPU a fused numba kernel (pipelines/paint_cpu.py), one pass per view; elsewhere the
+whole-tensor kernels below (eager or torch.compile'd). Those group the views: views that apply the same ops
+in the same order run as one set of ops (group_by="order": at most 24 groups, no wasted arithmetic); on CUDA,
+where each launch costs more than the arithmetic, views are grouped by the position of the hue op only
+(group_by="hue": at most 5 groups) and the other steps blend each view with its own op's reference image in
+one masked pass. All are exact against torchvision, and all are tested on the CPU.
 """
 
 import warnings
@@ -336,9 +337,7 @@ def _groups(jitter: Jitter, group_by: str):
     else:
         keys = torch.where(order == HUE, torch.arange(4), 4).amin(1)  # position of hue, 4 if none
         keys = torch.where(order[:, 0] == NONE, 5, keys)
-    # (N, 4): the factor each view uses at each step, 1.0 where it has no op (an identity blend).
-    step_factor = jitter.factor.gather(1, order.clamp_max(HUE))
-    step_factor = torch.where(order == NONE, 1.0, step_factor).to(torch.float32)
+    step_factor = jitter.step_factors()
     groups = []
     for key in keys.unique().tolist():
         rows = (keys == key).nonzero().squeeze(1)

@@ -35,6 +35,12 @@ class Jitter:
     def __len__(self) -> int:
         return self.order.shape[0]
 
+    def step_factors(self) -> torch.Tensor:
+        """(N, 4) float32: the factor each view uses at each step of its order, 1.0 where it has no op (an
+        identity for every blend)."""
+        factor = self.factor.gather(1, self.order.clamp_max(HUE))
+        return torch.where(self.order == NONE, 1.0, factor).to(torch.float32)
+
     def plans(self) -> list[list[Op]]:
         """Each view's ops as (name, factor) in order, ("grayscale", 0.0) last: apply_photometric's input."""
         out = []
