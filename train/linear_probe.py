@@ -75,6 +75,9 @@ def eval_images(loader, recipe: PirlRecipe):
 def recalibrate_batchnorm(trunk: torch.nn.Module, loader, recipe: PirlRecipe | None = None) -> None:
     """Replace BatchNorm running statistics by exact averages over `loader` ("precise BN").
 
+    `loader` yields uint8 loader batches, converted by the stage's eval form for `recipe`; with recipe=None
+    it yields model-ready float images already.
+
     Pretraining pushes the 224 view and the 64 px patches through the same BatchNorm layers, so the
     running statistics it leaves are a blend of two input distributions; a random trunk has none at all.
     Re-estimating them on the probe's own training images puts both trunks on the same footing.

@@ -20,7 +20,7 @@ import pipelines
 from model.losses import estimate_log_z, pirl_loss
 from model.memory_bank import MemoryBank
 from model.pirl import PIRLNet
-from pipelines.augment import BatchAugment
+from pipelines.augment import KERNEL_CHOICES, BatchAugment
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from train.run_log import RunLog
@@ -94,6 +94,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     cfg.data.recipe.validate()
     if cfg.loss.kind not in ("nce", "infonce"):
         raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
+    if cfg.data.augment_kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"data.augment_kernels must be one of {KERNEL_CHOICES}, got {cfg.data.augment_kernels!r}")
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
     # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.

@@ -4,6 +4,7 @@ import torch
 
 from tests.train.conftest import tiny_overrides
 from train import checkpoint, linear_probe, pirl
+from train.config import ConfigError
 from train.run_log import read_jsonl
 
 
@@ -102,3 +103,8 @@ def test_precise_bn_sets_running_stats_to_the_exact_data_mean():
     with torch.no_grad():
         conv1 = torch.cat([trunk.conv1(b["image"]) for b in batches])  # (12, 64, 16, 16)
     torch.testing.assert_close(trunk.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_augment_kernels_is_a_config_error(synthetic_shards, tmp_path):
+    with pytest.raises(ConfigError, match="data.augment_kernels must be one of"):
+        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--data.augment_kernels=gpu"])
