@@ -82,3 +82,16 @@ def test_reduced_decoding_on_real_photos(real_data):
                 diffs += _level_diffs(*_views_pair(data, seed))
     assert len(diffs) >= 20
     assert np.mean(diffs) < MEAN_LEVELS and max(diffs) < WORST_VIEW_LEVELS
+
+
+def test_cmyk_jpeg_falls_back_to_torchvision():
+    """simplejpeg cannot convert CMYK to RGB; such a JPEG (tools/make_shards.py re-encodes them, other shard
+    writers may not) still decodes, at full scale, through torchvision."""
+    pixels = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(out, format="JPEG")
+    data = out.getvalue()
+    ref = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    assert torch.equal(decode(data, reduction=2), ref)
+    views = pretrain_views(data, REDUCED, torch.Generator().manual_seed(0))
+    assert views[B.IMAGE].shape == (3, 224, 224) and views[B.PATCHES].shape == (9, 3, 64, 64)
