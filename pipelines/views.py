@@ -27,28 +27,37 @@ from pipelines.geometry import SampleGeometry, dct_reduction, draw_sample_geomet
 from pipelines.recipe import PirlRecipe
 
 
+# JPEG colour spaces simplejpeg converts to RGB correctly. It also "decodes" CMYK and YCCK without an error,
+# but not as torchvision and Pillow do (Adobe's inverted CMYK): those go through torchvision.
+_SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
+
+
+def jpeg_header(jpg) -> tuple[int, int, str]:
+    """(height, width, colour space) from the JPEG header, without decoding pixels."""
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpg)
+    return height, width, colorspace
+
+
 def jpeg_size(jpg) -> tuple[int, int]:
-    """(height, width) from the JPEG header, without decoding pixels."""
-    height, width, _, _ = simplejpeg.decode_jpeg_header(jpg)
-    return height, width
+    """(height, width) from the JPEG header."""
+    return jpeg_header(jpg)[:2]
 
 
-def decode(jpg, reduction: int = 1, size: tuple[int, int] | None = None) -> torch.Tensor:
+def decode(jpg, reduction: int = 1) -> torch.Tensor:
     """JPEG bytes -> (3, H', W') uint8 RGB, a channels-last view of the decoded HWC array.
 
-    reduction r in (1, 2, 4, 8) decodes at 1/r scale inside the IDCT (H' = ceil(H / r)); `size` = the
-    header's (H, W) when the caller has it. Greyscale JPEGs come out as 3 channels. JPEGs simplejpeg cannot
-    convert to RGB (CMYK, YCCK; tools/make_shards.py re-encodes those) go through torchvision at full scale.
+    reduction r in (1, 2, 4, 8) decodes at 1/r scale inside the IDCT (H' = ceil(H / r)). Greyscale JPEGs come
+    out as 3 channels. CMYK and YCCK JPEGs (tools/make_shards.py re-encodes those; other writers may not) go
+    through torchvision at full scale: callers compare the result's size with the header's.
     """
-    try:
-        if reduction == 1:
-            hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB")
-        else:
-            height, width = size or jpeg_size(jpg)
-            hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB", min_height=-(-height // reduction),
-                                         min_width=-(-width // reduction))
-    except ValueError:
+    height, width, colorspace = jpeg_header(jpg)
+    if colorspace not in _SIMPLEJPEG_COLORSPACES:
         return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if reduction == 1:
+        hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB")
+    else:
+        hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB", min_height=-(-height // reduction),
+                                     min_width=-(-width // reduction))
     if hwc.ndim == 2:
         hwc = hwc[:, :, None].repeat(3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
@@ -93,7 +102,7 @@ def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator) -> dict:
     height, width = jpeg_size(jpg)
     geo: SampleGeometry = draw_sample_geometry(height, width, r, generator)
     reduction = dct_reduction(height, width, geo.crops(r)) if r.reduced_decoding else 1
-    image = decode(jpg, reduction, (height, width))
+    image = decode(jpg, reduction)
     scale = reduction if image.shape[1] != height else 1  # 1 where a fallback decoder ignored the reduction
     view = _resized_crop(image, geo.image_box, scale, r.image_size)
     if geo.image_flipped:
@@ -129,6 +138,6 @@ def eval_view(jpg, recipe: PirlRecipe) -> torch.Tensor:
     target = eval_size(height, width, recipe)
     whole = (0, 0, height, width)
     reduction = dct_reduction(height, width, [(whole, min(target))]) if recipe.reduced_decoding else 1
-    image = decode(jpg, reduction, (height, width))
+    image = decode(jpg, reduction)
     view = _resized_crop(image, whole, reduction if image.shape[1] != height else 1, target)
     return F.center_crop(view, [recipe.image_size, recipe.image_size])
