@@ -85,11 +85,11 @@ def _resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], scale: in
 
 def cut_tiles(crop: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
     """(3, J, J) crop, (K, 2) (y, x) origins -> (K, 3, size, size) copies in origin order (channels-last)."""
-    hwc = crop.permute(1, 2, 0)
-    tiles = torch.empty(len(origins), size, size, 3, dtype=crop.dtype)
+    hwc = crop.permute(1, 2, 0).numpy()  # numpy slicing: ~1 us a copy where a torch slice costs ~10
+    tiles = np.empty((len(origins), size, size, 3), dtype=hwc.dtype)
     for k, (y, x) in enumerate(origins.tolist()):
         tiles[k] = hwc[y:y + size, x:x + size]
-    return tiles.permute(0, 3, 1, 2)
+    return torch.from_numpy(tiles).permute(0, 3, 1, 2)
 
 
 def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator) -> dict:
