@@ -8,6 +8,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -71,8 +72,13 @@ def sample_patch_origins(
 
 
 def cut_patches(crop: torch.Tensor, origins: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, J, J) crop, (K, 2) (y, x) origins -> (K, C, P, P) patches (copies, in origin order)."""
-    return torch.stack([crop[:, y:y + patch_size, x:x + patch_size] for y, x in origins.tolist()])
+    """(C, J, J) CPU crop, (K, 2) (y, x) origins -> (K, C, P, P) patches (copies, in origin order), stored
+    channels-last (K, P, P, C), as the loaders' views are."""
+    hwc = crop.permute(1, 2, 0).numpy()  # numpy slicing: ~1 us a copy where a torch slice costs ~10
+    patches = np.empty((len(origins), patch_size, patch_size, hwc.shape[2]), dtype=hwc.dtype)
+    for k, (y, x) in enumerate(origins.tolist()):
+        patches[k] = hwc[y:y + patch_size, x:x + patch_size]
+    return torch.from_numpy(patches).permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
