@@ -38,21 +38,21 @@ def jpeg_header(jpg) -> tuple[int, int, str]:
     return height, width, colorspace
 
 
-def jpeg_size(jpg) -> tuple[int, int]:
-    """(height, width) from the JPEG header."""
-    return jpeg_header(jpg)[:2]
-
-
 def decode(jpg, reduction: int = 1) -> torch.Tensor:
     """JPEG bytes -> (3, H', W') uint8 RGB, a channels-last view of the decoded HWC array.
 
     reduction r in (1, 2, 4, 8) decodes at 1/r scale inside the IDCT (H' = ceil(H / r)). Greyscale JPEGs come
     out as 3 channels. CMYK and YCCK JPEGs (tools/make_shards.py re-encodes those; other writers may not) go
-    through torchvision at full scale: callers compare the result's size with the header's.
+    through torchvision at full scale.
     """
-    height, width, colorspace = jpeg_header(jpg)
+    return _decode(jpg, jpeg_header(jpg), reduction)[0]
+
+
+def _decode(jpg, header: tuple[int, int, str], reduction: int) -> tuple[torch.Tensor, int]:
+    """decode() for a header already read; also returns the reduction applied (1 where torchvision decoded)."""
+    height, width, colorspace = header
     if colorspace not in _SIMPLEJPEG_COLORSPACES:
-        return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB), 1
     if reduction == 1:
         hwc = simplejpeg.decode_jpeg(jpg, colorspace="RGB")
     else:
@@ -60,7 +60,7 @@ def decode(jpg, reduction: int = 1) -> torch.Tensor:
                                      min_width=-(-width // reduction))
     if hwc.ndim == 2:
         hwc = hwc[:, :, None].repeat(3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1), reduction
 
 
 def _resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], scale: int, side: int | tuple[int, int]):
@@ -90,11 +90,10 @@ def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator) -> dict:
     scale (recipe.reduced_decoding=False decodes at full resolution, e.g. to measure what reducing changes).
     """
     r = recipe
-    height, width = jpeg_size(jpg)
+    header = jpeg_header(jpg)
+    height, width, _ = header
     geo: SampleGeometry = draw_sample_geometry(height, width, r, generator)
-    reduction = dct_reduction(height, width, geo.crops(r)) if r.reduced_decoding else 1
-    image = decode(jpg, reduction)
-    scale = reduction if image.shape[1] != height else 1  # 1 where a fallback decoder ignored the reduction
+    image, scale = _decode(jpg, header, dct_reduction(height, width, geo.crops(r)) if r.reduced_decoding else 1)
     view = _resized_crop(image, geo.image_box, scale, r.image_size)
     if geo.image_flipped:
         view = view.flip(-1)
@@ -125,10 +124,11 @@ def eval_size(height: int, width: int, recipe: PirlRecipe) -> tuple[int, int]:
 
 def eval_view(jpg, recipe: PirlRecipe) -> torch.Tensor:
     """JPEG bytes -> (3, S, S) uint8: shorter side to eval_resize_size, centre crop (standard evaluation)."""
-    height, width = jpeg_size(jpg)
+    header = jpeg_header(jpg)
+    height, width, _ = header
     target = eval_size(height, width, recipe)
     whole = (0, 0, height, width)
     reduction = dct_reduction(height, width, [(whole, min(target))]) if recipe.reduced_decoding else 1
-    image = decode(jpg, reduction)
-    view = _resized_crop(image, whole, reduction if image.shape[1] != height else 1, target)
+    image, scale = _decode(jpg, header, reduction)
+    view = _resized_crop(image, whole, scale, target)
     return F.center_crop(view, [recipe.image_size, recipe.image_size])
