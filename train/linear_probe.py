@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +72,9 @@ def eval_images(loader, recipe: PirlRecipe):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(trunk: torch.nn.Module, loader, recipe: PirlRecipe | None = None) -> None:
-    """Replace BatchNorm running statistics by exact averages over `loader` ("precise BN").
-
-    `loader` yields uint8 loader batches, converted by the stage's eval form for `recipe`; with recipe=None
-    it yields model-ready float images already.
+def recalibrate_batchnorm(trunk: torch.nn.Module, images: Iterable[torch.Tensor]) -> None:
+    """Replace BatchNorm running statistics by exact averages over `images`, model-ready float batches
+    ("precise BN").
 
     Pretraining pushes the 224 view and the 64 px patches through the same BatchNorm layers, so the
     running statistics it leaves are a blend of two input distributions; a random trunk has none at all.
@@ -87,8 +85,7 @@ def recalibrate_batchnorm(trunk: torch.nn.Module, loader, recipe: PirlRecipe | N
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over all batches
     trunk.train()
-    batches = eval_images(loader, recipe) if recipe is not None else ((b, b["image"]) for b in loader)
-    for _, image in tqdm(batches, desc="precise BN", unit="batch", leave=False):
+    for image in tqdm(images, desc="precise BN", unit="batch", leave=False):
         trunk(image)
     trunk.eval()
 
@@ -102,7 +99,7 @@ def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeC
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
     loader.set_epoch(0)
     if what == "train" and cfg.precise_bn:
-        recalibrate_batchnorm(trunk, loader, recipe)
+        recalibrate_batchnorm(trunk, (image for _, image in eval_images(loader, recipe)))
     feats, labels = [], []
     for batch, image in tqdm(eval_images(loader, recipe), desc=f"features ({what})", unit="batch", leave=False):
         feats.append(trunk(image).float())

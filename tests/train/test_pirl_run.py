@@ -98,7 +98,7 @@ def test_precise_bn_sets_running_stats_to_the_exact_data_mean():
     torch.manual_seed(0)
     trunk, _ = linear_probe.build_trunk("resnet18")
     batches = [{"image": torch.randn(4, 3, 32, 32) * 2 + 1} for _ in range(3)]
-    linear_probe.recalibrate_batchnorm(trunk, batches)
+    linear_probe.recalibrate_batchnorm(trunk, [b["image"] for b in batches])
     assert not trunk.training
     with torch.no_grad():
         conv1 = torch.cat([trunk.conv1(b["image"]) for b in batches])  # (12, 64, 16, 16)
