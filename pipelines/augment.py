@@ -29,7 +29,9 @@ import torch
 
 from pipelines import batch as B
 from pipelines import paint_cpu
-from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, NONE, SATURATION, Jitter, draw_jitter
+from pipelines.photometric import (
+    BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, LUMA, NONE, SATURATION, Jitter, draw_jitter,
+)
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
 
@@ -38,8 +40,6 @@ _FLIP, _ROTATION = JITTER_DRAWS, JITTER_DRAWS + 1
 VIEW_DRAWS = JITTER_DRAWS + 2
 GROUP_BY = ("order", "hue")
 KERNEL_CHOICES = ("auto", "numba", "tensor", "compiled")
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), in its order of operations.
-_LUMA = (0.2989, 0.587, 0.114)
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 1, H, W) luma, torchvision's rgb_to_grayscale arithmetic."""
-    return x[:, 0:1] * _LUMA[0] + x[:, 1:2] * _LUMA[1] + x[:, 2:3] * _LUMA[2]
+    return x[:, 0:1] * LUMA[0] + x[:, 1:2] * LUMA[1] + x[:, 2:3] * LUMA[2]
 
 
 def _column(f: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,10 @@ try:
 except ImportError:  # an optional speed-up: pipelines/augment.py falls back to its tensor kernels
     numba = None
 
-from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, SATURATION, Jitter
+from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, LUMA, SATURATION, Jitter
 
 _F = np.float32
-LUMA_R, LUMA_G, LUMA_B = _F(0.2989), _F(0.587), _F(0.114)  # torchvision's rgb_to_grayscale weights
+LUMA_R, LUMA_G, LUMA_B = (_F(w) for w in LUMA)  # float32 constants: numba keeps the arithmetic in float32
 
 
 def available() -> bool:

@@ -18,6 +18,8 @@ from torchvision.transforms.v2 import functional as F
 BRIGHTNESS, CONTRAST, SATURATION, HUE, NONE = 0, 1, 2, 3, 4
 OP_NAMES = ("brightness", "contrast", "saturation", "hue")
 _OP_FUNCS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), used by every batched kernel.
+LUMA = (0.2989, 0.587, 0.114)
 # Uniforms one view consumes: jitter coin, 4 factors, 4 order keys, grayscale coin.
 JITTER_DRAWS = 10
 
