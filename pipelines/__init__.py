@@ -1,13 +1,38 @@
-"""Input pipelines: shards on disk -> Batch dicts (pipelines/batch.py). Backends are chosen by name."""
+"""Input pipelines: shards on disk -> Batch dicts (pipelines/batch.py). Backends are chosen by name.
 
-from pipelines import reference
+Each backend is "module:function" and imported only when chosen: DALI and FFCV are optional installs, and
+importing either costs seconds, so `import pipelines` must not pull them in.
+"""
+
+import importlib
+
 from pipelines.recipe import PirlRecipe
 
-BACKENDS = {"reference": reference.make_loader}
+BACKENDS = {
+    "reference": "pipelines.reference:make_loader",
+    "dali": "pipelines.dali_loader:make_loader",
+    "ffcv": "pipelines.ffcv_loader:make_loader",
+}
+
+
+def backend_factory(backend: str):
+    """The make_loader function of a backend, with a clear error for an unknown name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown pipeline backend {backend!r}; valid backends: {sorted(BACKENDS)}")
+    module, function = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def make_loader(backend: str, shard_dir: str, recipe: PirlRecipe, **kwargs):
-    """BACKENDS[backend](shard_dir, recipe, **kwargs), with a clear error for an unknown backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown pipeline backend {backend!r}; valid backends: {sorted(BACKENDS)}")
-    return BACKENDS[backend](shard_dir, recipe, **kwargs)
+    """BACKENDS[backend](shard_dir, recipe, **kwargs).
+
+    Every backend takes batch_size, num_workers, rank, world_size, seed, mode ("pretrain" | "eval") and
+    with_geometry, and returns a loader with the ReferenceLoader interface (len, set_epoch, skip, iteration
+    yielding the uint8 loader batch of pipelines/batch.py). A backend whose package is missing raises
+    BackendUnavailable saying how to install it.
+    """
+    return backend_factory(backend)(shard_dir, recipe, **kwargs)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was chosen whose package or device is not available here; the message says what to do."""

@@ -10,14 +10,13 @@ view does not depend on the rank, the worker count or the worker that made it, a
 same views. The global torch RNG is never touched (the DataLoader gets its own generator for its base seed).
 """
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipelines import batch as B
 from pipelines.recipe import PirlRecipe
+from pipelines.epoch_loader import EpochLoader, check_loader_args
 from pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
-from pipelines.sampler import epoch_batches, rank_slice, steps_per_epoch
 from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
 from pipelines.views import eval_view, pretrain_views
 
@@ -73,73 +72,13 @@ def collate(samples: list[dict]) -> B.Batch:
     return out
 
 
-class ReferenceLoader:
-    """One rank's loader. len() = steps per epoch, the same on every rank; iterate after set_epoch()."""
+class ReferenceLoader(EpochLoader):
+    """One rank's loader: DataLoader workers cut each batch of self.batches()."""
 
-    def __init__(
-        self,
-        table: SampleTable,
-        recipe: PirlRecipe,
-        *,
-        batch_size: int,
-        num_workers: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        mode: str,
-        with_geometry: bool,
-        pin_memory: bool,
-    ):
-        self.table = table
-        self.recipe = recipe
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.mode = mode
+    def __init__(self, table: SampleTable, recipe: PirlRecipe, *, pin_memory: bool, **kwargs):
+        super().__init__(table, recipe, **kwargs)
         self.pin_memory = pin_memory
-        self.dataset = ShardDataset(table, recipe, mode=mode, seed=seed, with_geometry=with_geometry)
-        self._steps = steps_per_epoch(table.num_samples, batch_size, world_size)
-        start, stop = rank_slice(table.num_samples, world_size, rank)
-        self.rank_samples = stop - start  # samples this rank sees per epoch
-        self.epoch = 0
-        self.start_step = 0
-
-    @property
-    def num_samples(self) -> int:
-        return self.table.num_samples
-
-    @property
-    def classes(self) -> list[str] | None:
-        return self.table.classes
-
-    @property
-    def labelled(self) -> bool:
-        return self.table.labelled
-
-    def __len__(self) -> int:
-        return self._steps
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch (its order and its augmentations) and the step to start from (exact resume)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_step <= self._steps:
-            raise ValueError(f"start_step must be in [0, {self._steps}], got {start_step}")
-        self.epoch = epoch
-        self.start_step = start_step
-
-    def skip(self, steps: int) -> None:
-        """Start the current epoch `steps` batches later."""
-        self.set_epoch(self.epoch, self.start_step + steps)
-
-    def batches(self) -> list[np.ndarray]:
-        """This rank's remaining batches of global indexes for the current epoch and start step."""
-        return epoch_batches(
-            self.table.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
-            seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,
-        )
+        self.dataset = ShardDataset(table, recipe, mode=self.mode, seed=self.seed, with_geometry=self.with_geometry)
 
     def __iter__(self):
         keys = [[(self.epoch, int(i)) for i in batch] for batch in self.batches()]
@@ -175,17 +114,7 @@ def make_loader(
     batch. mode="pretrain": shuffled epochs of image + patches + index (+ label); mode="eval": identity order,
     image = resize + centre crop, index + label. pin_memory=None pins when CUDA is available.
     """
-    if not isinstance(recipe, PirlRecipe):
-        raise TypeError(f"recipe must be a PirlRecipe (OmegaConf.to_object a structured config), got {type(recipe)}")
-    recipe.validate()
-    if mode not in B.MODES:
-        raise ValueError(f"mode must be one of {B.MODES}, got {mode!r}")
-    if with_geometry and mode != "pretrain":
-        raise ValueError("with_geometry=True only applies to mode='pretrain' (eval draws no geometry)")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_loader_args(recipe, mode=mode, with_geometry=with_geometry, num_workers=num_workers, seed=seed)
     table = build_sample_table(shard_dir)
     return ReferenceLoader(
         table, recipe, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.dali_options import DaliOptions
 from pipelines.recipe import PirlRecipe
 
 
@@ -23,9 +24,10 @@ class DataConfig:
     shards: str = MISSING  # folder written by tools/make_shards.py (tars, .idx files, manifest.json)
     backend: str = "reference"  # a key of pipelines.BACKENDS
     batch_size: int = 32  # per process; the paper uses 32 per GPU x 32 GPUs (supplement A)
-    num_workers: int = 4  # DataLoader workers per process
+    num_workers: int = 4  # loader workers per process (reference: DataLoader workers; dali: threads)
     augment_kernels: str = "auto"  # batched stage: auto (numba on CPU, tensor ops elsewhere), numba, tensor, compiled
     recipe: PirlRecipe = field(default_factory=PirlRecipe)
+    dali: DaliOptions = field(default_factory=DaliOptions)  # backend=dali only: decode device, queue depths
 
 
 @dataclass

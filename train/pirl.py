@@ -41,7 +41,13 @@ def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tens
     return index[keep], feats[keep]
 
 
+def backend_options(cfg: PirlConfig) -> dict:
+    """Keyword arguments only the configured backend takes."""
+    return {"dali": {"options": cfg.data.dali}}.get(cfg.data.backend, {})
+
+
 def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrain"):
+    """This rank's loader. Never passed to accelerator.prepare(): every backend already shards by rank."""
     return pipelines.make_loader(
         cfg.data.backend,
         cfg.data.shards,
@@ -52,6 +58,7 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrai
         world_size=accelerator.num_processes,
         seed=cfg.run.seed,
         mode=mode,
+        **backend_options(cfg),
     )
 
 
@@ -96,6 +103,12 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
     if cfg.data.augment_kernels not in KERNEL_CHOICES:
         raise ConfigError(f"data.augment_kernels must be one of {KERNEL_CHOICES}, got {cfg.data.augment_kernels!r}")
+    if cfg.data.backend not in pipelines.BACKENDS:
+        raise ConfigError(f"data.backend must be one of {sorted(pipelines.BACKENDS)}, got {cfg.data.backend!r}")
+    try:
+        cfg.data.dali.validate()
+    except ValueError as err:
+        raise ConfigError(f"data.{err}") from None
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
     # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.

@@ -76,10 +76,15 @@ def profile_loaders(shard_dir: str, backends: list[str], workers: list[int], *, 
                     recipe: PirlRecipe) -> dict:
     jpegs, num_samples = decode.read_jpegs(shard_dir)
     before, skipped = decode.decode_rates(jpegs)
-    results = []
+    results, unavailable = [], {}
     runs = [(b, w) for b in backends for w in workers]
     for backend, w in tqdm(runs, desc="loaders", unit="run", leave=False):
-        results.append(loader_rate(backend, shard_dir, recipe, workers=w, batches=batches, batch_size=batch_size))
+        if backend in unavailable:
+            continue
+        try:
+            results.append(loader_rate(backend, shard_dir, recipe, workers=w, batches=batches, batch_size=batch_size))
+        except pipelines.BackendUnavailable as err:  # an optional backend not installed: say so, measure the rest
+            unavailable[backend] = str(err)
     after, skipped_after = decode.decode_rates(jpegs)
     limit = decode.decode_limit(before, after, {**skipped, **skipped_after})
     for r in results:
@@ -89,7 +94,7 @@ def profile_loaders(shard_dir: str, backends: list[str], workers: list[int], *, 
         "decode_limit": limit, "results": results,
         "augment_ms_per_batch": augment_ms(shard_dir, recipe, batch_size, device),
         "batch_size": batch_size, "device": machine.describe(device), "shards": str(shard_dir),
-        "num_samples": num_samples, "decode_samples": len(jpegs),
+        "num_samples": num_samples, "decode_samples": len(jpegs), "unavailable_backends": unavailable,
     }
 
 
@@ -105,6 +110,8 @@ def report(result: dict) -> str:
         f"{result['decode_samples']} JPEGs, best of before/after); all: {decoders}",
         f"batched stage (BatchAugment) on {result['device']}: {result['augment_ms_per_batch']:.1f} ms per batch",
     ]
+    for backend, why in result.get("unavailable_backends", {}).items():
+        lines.append(f"backend {backend} not measured: {why}")
     if limit["skipped"]:
         lines.append("decoders left out: " + "; ".join(f"{k} ({v})" for k, v in limit["skipped"].items()))
     return "\n".join(lines)
