@@ -198,11 +198,11 @@ class DaliLoader(EpochLoader):
     it; any other set_epoch (a resume, an epoch abandoned half-way) builds a fresh one."""
 
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, options: DaliOptions, **kwargs):
+        self._pipe = None
         super().__init__(table, recipe, **kwargs)
         self.options = options
         self.device = resolve_decode_device(options.decode_device)
         self._dali = _import_dali()
-        self._pipe = None
         self._names: list[str] = []
         self._next: tuple[int, int] | None = None  # the (epoch, start step) the live pipeline produces next
 
