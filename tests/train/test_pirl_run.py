@@ -12,17 +12,19 @@ def losses_by_step(out_dir):
     return {r["step"]: r["loss"] for r in read_jsonl(out_dir / "log.jsonl")}  # later lines win: the resumed ones
 
 
-def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "dali"])
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(synthetic_shards, tmp_path, backend):
     full, broken = tmp_path / "full", tmp_path / "broken"
-    pirl.main(tiny_overrides(synthetic_shards, full))  # 30 samples / batch 8 -> 4 steps per epoch, 8 in all
+    overrides = [f"--data.backend={backend}", "--data.dali.decode_device=cpu"]
+    pirl.main([*tiny_overrides(synthetic_shards, full), *overrides])  # 30 samples / batch 8: 4 steps an epoch, 8 in all
     reference = losses_by_step(full)
     assert sorted(reference) == list(range(1, 9))
 
     # "Killed" after step 5: only the step-3 checkpoint survives (the one at 5 is removed, as if never written).
-    pirl.main([*tiny_overrides(synthetic_shards, broken), "--run.max_steps=5"])
+    pirl.main([*tiny_overrides(synthetic_shards, broken), *overrides, "--run.max_steps=5"])
     checkpoint.checkpoint_path(broken, 5).unlink()
     assert checkpoint.latest_checkpoint(broken) == checkpoint.checkpoint_path(broken, 3)
-    pirl.main([*tiny_overrides(synthetic_shards, broken), "--resume"])  # resumes mid-epoch 0, crosses into epoch 1
+    pirl.main([*tiny_overrides(synthetic_shards, broken), *overrides, "--resume"])  # mid-epoch 0, into epoch 1
 
     resumed = losses_by_step(broken)
     assert sorted(resumed) == list(range(1, 9))
@@ -108,3 +110,13 @@ def test_precise_bn_sets_running_stats_to_the_exact_data_mean():
 def test_unknown_augment_kernels_is_a_config_error(synthetic_shards, tmp_path):
     with pytest.raises(ConfigError, match="data.augment_kernels must be one of"):
         pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--data.augment_kernels=gpu"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.backend=tfrecord", "data.backend must be one of"),
+    ("--data.dali.decode_device=gpu", "data.dali.decode_device must be one of"),
+    ("--data.dali.hw_decoder_load=1.5", "data.dali.hw_decoder_load must be in"),
+])
+def test_bad_backend_settings_are_config_errors(synthetic_shards, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), override])
