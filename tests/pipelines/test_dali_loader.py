@@ -152,3 +152,13 @@ def test_real_photos_close_to_the_reference(real_data, tmp_path_factory):
             assert torch.equal(a[key], b[key]), key
         for key in (B.IMAGE, B.PATCHES):
             assert (mad_per_channel(a[key], b[key]) <= MAD_BOUND_PHOTOS).all(), key
+
+
+def test_spawned_workers_give_the_same_batches(small_shards, small_recipe, monkeypatch):
+    """Once CUDA is initialised (training on a GPU) the source's workers are spawned, not forked: the
+    source must pickle and give the same batches."""
+    forked = epoch(make("dali", small_shards, small_recipe, num_workers=2), 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    spawned = epoch(make("dali", small_shards, small_recipe, num_workers=2), 1)
+    for a, b in zip(forked, spawned, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
