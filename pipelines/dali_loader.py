@@ -216,7 +216,7 @@ class DaliLoader(EpochLoader):
         device_id = torch.cuda.current_device() if self.device == "mixed" else None
         pipe = Pipeline(
             batch_size=self.max_batch_size, num_threads=self.options.num_threads or max(1, self.num_workers),
-            device_id=device_id, seed=self.seed, prefetch_queue_depth=self.options.prefetch_queue_depth,
+            device_id=device_id, seed=self.seed, prefetch_queue_depth=self.options.queue_depths(),
             py_num_workers=max(1, self.num_workers),
             # Forked workers must not inherit an initialised CUDA context; spawn re-imports instead (slower).
             py_start_method="spawn" if torch.cuda.is_initialized() else "fork",

@@ -162,3 +162,12 @@ def test_spawned_workers_give_the_same_batches(small_shards, small_recipe, monke
     spawned = epoch(make("dali", small_shards, small_recipe, num_workers=2), 1)
     for a, b in zip(forked, spawned, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_separate_cpu_queue_gives_the_same_batches(small_shards, small_recipe):
+    one_queue = epoch(make("dali", small_shards, small_recipe), 0)
+    options = DaliOptions(decode_device="cpu", cpu_queue_depth=3, prefetch_queue_depth=2)
+    assert options.queue_depths() == {"cpu_size": 3, "gpu_size": 2}
+    separated = epoch(make("dali", small_shards, small_recipe, options=options), 0)
+    for a, b in zip(one_queue, separated, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
