@@ -9,7 +9,7 @@ import numpy as np
 
 from pipelines import batch as B
 from pipelines.recipe import PirlRecipe
-from pipelines.sampler import epoch_batches, rank_slice, steps_per_epoch
+from pipelines.sampler import epoch_batches, rank_sample_count, steps_per_epoch
 from pipelines.shard_index import SampleTable
 
 
@@ -46,8 +46,7 @@ class EpochLoader:
         self.mode = mode
         self.with_geometry = with_geometry
         self._steps = steps_per_epoch(table.num_samples, batch_size, world_size)
-        start, stop = rank_slice(table.num_samples, world_size, rank)
-        self.rank_samples = stop - start  # samples this rank sees per epoch
+        self.rank_samples = rank_sample_count(table.num_samples, batch_size, world_size, rank)  # per epoch
         self.epoch = 0
         self.start_step = 0
 

@@ -2,9 +2,13 @@
 
 Every sample exactly once per epoch over all ranks, and the same number of steps on every rank:
 - the epoch order is a permutation of 0..N-1 drawn from (seed, epoch) (identity when shuffle=False);
-- rank r of W takes a contiguous slice of it, q = N // W samples, plus one for the first N % W ranks;
-- S = max(1, ceil(q / B)) steps on every rank: S-1 batches of B, then one batch with the rest
-  (1..B+1 samples), so no rank runs out early and no batch is empty.
+- S = max(1, ceil((N // W) / B)) steps on every rank;
+- step s < S-1 reads the s-th window of W*B samples of the order, rank r its r-th B of them; the last step
+  splits the rest (W..W*(B+1)-1 samples) over the ranks as evenly as possible (1..B+1 each, the first ranks
+  taking one more), so no rank runs out early and no batch is empty.
+Why windows and not a contiguous slice per rank: the global batch of step s (all ranks together) is then the
+same for every W with the same W*B. 2 processes x batch B see, step by step, exactly the samples of
+1 process x batch 2B, which is what lets a multi-process run reproduce a single-process one.
 """
 
 import math
@@ -33,12 +37,12 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> i
     return max(1, math.ceil((num_samples // world_size) / batch_size))
 
 
-def rank_slice(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of rank's share of the epoch order."""
-    _check(num_samples, 1, world_size, rank)
-    q, extra = divmod(num_samples, world_size)
-    start = rank * q + min(rank, extra)
-    return start, start + q + (1 if rank < extra else 0)
+def rank_sample_count(num_samples: int, batch_size: int, world_size: int, rank: int) -> int:
+    """How many samples rank reads per epoch: (S-1)*B plus its share of the last step."""
+    steps = steps_per_epoch(num_samples, batch_size, world_size)
+    _check(num_samples, batch_size, world_size, rank)
+    rest = num_samples - (steps - 1) * world_size * batch_size
+    return (steps - 1) * batch_size + rest // world_size + (1 if rank < rest % world_size else 0)
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -64,8 +68,13 @@ def epoch_batches(
     steps = steps_per_epoch(num_samples, batch_size, world_size)
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}] (steps per epoch), got {start_step}")
-    start, stop = rank_slice(num_samples, world_size, rank)
-    mine = epoch_order(num_samples, seed=seed, epoch=epoch, shuffle=shuffle)[start:stop]
-    # Cut points of S-1 full batches; the last batch takes the rest (1..B+1 samples).
-    bounds = [k * batch_size for k in range(steps)] + [len(mine)]
-    return [mine[bounds[k]:bounds[k + 1]] for k in range(start_step, steps)]
+    _check(num_samples, batch_size, world_size, rank)
+    order = epoch_order(num_samples, seed=seed, epoch=epoch, shuffle=shuffle)
+    window = world_size * batch_size
+    last = steps - 1
+    rest = order[last * window:]
+    base, extra = divmod(len(rest), world_size)
+    lo = rank * base + min(rank, extra)
+    last_batch = rest[lo:lo + base + (1 if rank < extra else 0)]
+    return [order[k * window + rank * batch_size:k * window + (rank + 1) * batch_size] if k < last else last_batch
+            for k in range(start_step, steps)]

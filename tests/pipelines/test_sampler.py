@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipelines.sampler import epoch_batches, epoch_order, rank_slice, steps_per_epoch
+from pipelines.sampler import epoch_batches, epoch_order, rank_sample_count, steps_per_epoch
 
 
 def _all_batches(n, b, world, **kw):
@@ -32,8 +32,23 @@ def test_two_ranks_times_two_workers_uneven():
     assert [len(x) for x in per_rank[1]] == [4, 4, 4, 3]  # 15 samples
 
 
-def test_rank_slices_are_contiguous_q_or_q_plus_one():
-    assert [rank_slice(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+@pytest.mark.parametrize(("n", "b", "world"), [(31, 4, 2), (10, 3, 4), (100, 7, 3), (64, 8, 2)])
+def test_rank_sample_counts_are_q_or_q_plus_one(n, b, world):
+    counts = [rank_sample_count(n, b, world, r) for r in range(world)]
+    assert counts == [sum(len(x) for x in batches) for batches in _all_batches(n, b, world)]
+    assert sum(counts) == n and set(counts) <= {n // world, n // world + 1}
+
+
+@pytest.mark.parametrize(("n", "b"), [(64, 4), (40, 5), (31, 4), (7, 2)])
+def test_two_ranks_of_batch_b_read_the_global_batches_of_one_rank_of_batch_2b(n, b):
+    """Step by step, the union of the ranks' batches is the single process's batch: N processes = 1 process."""
+    two = _all_batches(n, b, 2, seed=1, epoch=3)
+    (one,) = _all_batches(n, 2 * b, 1, seed=1, epoch=3)
+    if steps_per_epoch(n, b, 2) == steps_per_epoch(n, 2 * b, 1):
+        for step, batch in enumerate(one):
+            assert np.concatenate([two[0][step], two[1][step]]).tolist() == batch.tolist()
+    else:  # N too uneven for equal step counts (7 = 2 steps of 2x2 vs 1 of 4+3): still exactly once
+        assert sorted(np.concatenate([np.concatenate(x) for x in two]).tolist()) == list(range(n))
 
 
 def test_last_batch_can_take_one_extra():
