@@ -40,14 +40,20 @@ class JigsawHead(nn.Module):
         noise = torch.rand(batch, self.num_patches, generator=generator, device=device)
         return torch.argsort(noise, dim=1)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                order: torch.Tensor | None = None) -> torch.Tensor:
+        """order: (B, num_patches) permutations to use (the training loop draws them from (seed, step, global
+        index), so that they do not depend on the rank); None draws them here from `generator`."""
         if x.dim() != 3 or x.shape[1] != self.num_patches:
             raise ValueError(
                 f"JigsawHead expects (B, {self.num_patches}, D) patch features, got {tuple(x.shape)}"
             )
         batch = x.shape[0]
         h = self.patch_proj(x)  # (B, 9, out)
-        order = self.sample_orders(batch, x.device, generator)  # (B, 9)
+        if order is None:
+            order = self.sample_orders(batch, x.device, generator)  # (B, 9)
+        elif order.shape != (batch, self.num_patches):
+            raise ValueError(f"order must be ({batch}, {self.num_patches}), got {tuple(order.shape)}")
         # (B, 9, out): slot j of sample b holds patch order[b, j]
         shuffled = torch.gather(h, 1, order.unsqueeze(-1).expand_as(h))
         return self.mix(shuffled.reshape(batch, -1))  # (B, 9*out) -> (B, out)
@@ -58,14 +64,15 @@ class RotationHead(nn.Module):
     shuffle and mix; "a single linear layer" on its pooled res5 feature stands in for the jigsaw head.
     It has its own weights (not f's): PIRL scores f(v_I) against g(v_It), two different projections.
 
-    (B, 1, in_dim) -> (B, out_dim), the same call signature as JigsawHead (the generator is unused).
+    (B, 1, in_dim) -> (B, out_dim), the same call signature as JigsawHead (generator and order unused).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 128):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                order: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"RotationHead expects (B, 1, D) features of the one rotated view, got {tuple(x.shape)}")
         return self.proj(x[:, 0])

@@ -35,8 +35,10 @@ class PIRLNet(nn.Module):
         return F.normalize(self.image_head(self.trunk(image)), dim=1)
 
     def forward(
-        self, image: torch.Tensor, patches: torch.Tensor, generator: torch.Generator | None = None
+        self, image: torch.Tensor, patches: torch.Tensor, generator: torch.Generator | None = None,
+        patch_order: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """patch_order (B, num_patches): the jigsaw head's permutations; None draws them from `generator`."""
         if patches.dim() != 5 or patches.shape[1] != self.num_patches:
             raise ValueError(
                 f"patches must be (B, {self.num_patches}, C, P, P), got {tuple(patches.shape)}"
@@ -59,5 +61,5 @@ class PIRLNet(nn.Module):
 
         with record_function("heads"):
             f_img = F.normalize(self.image_head(v_img), dim=1)  # (B, embed_dim)
-            g_jig = F.normalize(self.jigsaw_head(v_patches, generator), dim=1)  # (B, embed_dim)
+            g_jig = F.normalize(self.jigsaw_head(v_patches, generator, patch_order), dim=1)  # (B, embed_dim)
         return f_img, g_jig

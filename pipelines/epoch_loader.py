@@ -70,6 +70,13 @@ class EpochLoader:
     def __len__(self) -> int:
         return self._steps
 
+    def global_batch_size(self, step: int) -> int:
+        """Samples all ranks read together at step `step` of an epoch: W*B, the rest of the epoch at the last."""
+        if not 0 <= step < self._steps:
+            raise ValueError(f"step must be in [0, {self._steps}), got {step}")
+        window = self.world_size * self.batch_size
+        return window if step < self._steps - 1 else self.table.num_samples - (self._steps - 1) * window
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch (its order and its augmentations) and the step to start from (exact resume)."""
         if epoch < 0:

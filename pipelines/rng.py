@@ -21,6 +21,7 @@ def derive_seed(purpose: int, *words: int) -> int:
 def generator_for(purpose: int, *words: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(purpose, *words))
 PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipelines/augment.py)
+PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
 
 _MASK32 = 0xFFFFFFFF
 

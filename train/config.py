@@ -34,6 +34,10 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"  # the paper's trunk; resnet18 for CPU runs
     embed_dim: int = 128  # output of heads f and g (paper section 2.3)
+    # BatchNorm statistics over all processes' samples (torch's SyncBatchNorm on CUDA, model/sync_batchnorm.py
+    # elsewhere): N processes then train like one with the global batch. Off: per-process statistics, the
+    # paper's setting (32 per GPU) and cheaper; README, "Multi-process runs".
+    sync_bn: bool = False
 
 
 @dataclass

@@ -12,33 +12,22 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, pad_across_processes
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.profiler import record_function
 from tqdm import tqdm
 
 import pipelines
-from model.losses import estimate_log_z, pirl_loss
+from model.losses import pirl_loss
 from model.memory_bank import MemoryBank
 from model.pirl import PIRLNet
+from model.sync_batchnorm import convert_sync_batchnorm
 from pipelines.augment import KERNEL_CHOICES, BatchAugment
+from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
+from train.ranks import gather_rows, global_log_z, loss_weight
 from train.run_log import RunLog
 from train.schedule import lr_factor, scaled_lr
-
-
-def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tensor):
-    """Every rank's (index, features), so each replica of the bank applies the same update.
-
-    Last batches may differ in size by one across ranks: pad with index -1, gather, drop the padding.
-    """
-    if accelerator.num_processes == 1:
-        return index, feats
-    index = pad_across_processes(index, dim=0, pad_index=-1)
-    feats = pad_across_processes(feats, dim=0, pad_index=0)
-    index, feats = accelerator.gather(index), accelerator.gather(feats)
-    keep = index >= 0
-    return index[keep], feats[keep]
 
 
 def backend_options(cfg: PirlConfig) -> dict:
@@ -72,6 +61,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "patches")}
     out["index"] = batch["index"]
     return out
+
+
+def patch_orders(seed: int, step: int, index: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, num_patches) permutations for the jigsaw head, a function of (seed, step, global index): the same for
+    a sample whichever rank or batch holds it (argsort of counter-based uniforms is a uniform permutation)."""
+    return counter_uniform(derive_seed(PURPOSE_HEADS, seed, step), index, num_patches).argsort(dim=1)
 
 
 @torch.no_grad()
@@ -124,7 +119,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     global_batch = cfg.data.batch_size * accelerator.num_processes
 
     augment = build_augment(cfg)
+    net_patches = cfg.data.recipe.view_tiles
     net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.view_tiles)
+    if cfg.model.sync_bn and accelerator.num_processes > 1:
+        net = convert_sync_batchnorm(net, device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
     bank = MemoryBank(loader.num_samples, cfg.model.embed_dim).to(device)
@@ -137,8 +135,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, final_ratio)
     )
-    # Per-rank streams for the heads' patch order and the negative draws, saved in checkpoints.
-    generators = {"heads": torch.Generator(device=device), "negatives": torch.Generator(device=device)}
+    # Per-rank stream for the negative draws, saved in checkpoints.
+    generators = {"negatives": torch.Generator(device=device)}
     for offset, g in enumerate(generators.values()):
         g.manual_seed(cfg.run.seed * 1000 + 2 * accelerator.process_index + offset + 1)
     log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
@@ -153,10 +151,12 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
             raise ValueError(
                 f"{path} was trained on {state['num_samples']} samples, {cfg.data.shards} holds {loader.num_samples}"
             )
-        if state["world_size"] != accelerator.num_processes:
+        saved_batch = state.get("global_batch", state["world_size"] * cfg.data.batch_size)
+        if saved_batch != global_batch:
             accelerator.print(
-                f"warning: {path} was written by {state['world_size']} processes, resuming on "
-                f"{accelerator.num_processes}: the data order of the current epoch restarts from its beginning"
+                f"warning: {path} was trained with a global batch of {saved_batch} ({state['world_size']} "
+                f"processes), this run has {global_batch}: steps, epochs and the learning-rate schedule now count "
+                f"in batches of {global_batch}; keep world_size x data.batch_size to continue the same run"
             )
         net.load_state_dict(state["model"])
         bank.load_state_dict(state["bank"])
@@ -164,7 +164,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         log_z = state["log_z"]
         global_step = state["step"]
-        checkpoint.restore_rng_state(state["rng"], generators)
+        checkpoint.restore_rng_state(state["rng"], {k: g for k, g in generators.items() if k in state["rng"]["generators"]})
         accelerator.print(f"resumed from {path} at step {global_step}")
     elif cfg.loss.bank_init == "features":
         init_bank_from_features(net.to(device), bank, cfg, accelerator)
@@ -190,6 +190,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 "epoch": step // steps_per_epoch,
                 "step_in_epoch": step % steps_per_epoch,
                 "world_size": accelerator.num_processes,
+                "global_batch": global_batch,
                 "num_samples": loader.num_samples,
                 "rng": checkpoint.rng_state(generators),
                 "config": to_dict(cfg),
@@ -210,7 +211,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     for epoch in range(start_epoch, cfg.optim.epochs):
         if global_step >= last_step:
             break
-        loader.set_epoch(epoch, start_step=start_in_epoch if epoch == start_epoch else 0)
+        step_in_epoch = start_in_epoch if epoch == start_epoch else 0
+        loader.set_epoch(epoch, start_step=step_in_epoch)
         batches = iter(loader)
         while global_step < last_step:
             wait_start = time.perf_counter()
@@ -228,8 +230,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 if cfg.run.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
 
+            order = patch_orders(cfg.run.seed, global_step, batch["index"], net_patches).to(device, non_blocking=True)
             with autocast:
-                f_img, g_jig = net(image, patches, generator=generators["heads"])  # (B, 128) each, unit norm
+                f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm
             f_img, g_jig = f_img.float(), g_jig.float()
             with record_function("negatives_draw"):
                 neg_rows = bank.draw_negatives(
@@ -241,7 +244,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 with torch.no_grad():
                     pos = (f_img * bank_pos).sum(-1)
                     neg = torch.einsum("bd,bkd->bk", f_img, bank_neg)
-                    log_z = accelerator.reduce(estimate_log_z(pos, neg, cfg.loss.tau, loader.num_samples), "mean")
+                    log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
                 need_log_z = False
             with record_function("loss"):
                 losses = pirl_loss(
@@ -249,9 +252,11 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
                     log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
                 )
+            # This rank's share of the global batch (host numbers: no communication); 1 on one process.
+            share = len(batch["index"]) / loader.global_batch_size(step_in_epoch)
             with record_function("backward"):
                 optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(losses["loss"])
+                accelerator.backward(losses["loss"] * (share * accelerator.num_processes))
             with record_function("optimizer"):
                 optimizer.step()
                 scheduler.step()
@@ -260,13 +265,16 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
 
             global_step += 1
+            step_in_epoch += 1
             window_steps += 1
             for key in window:
-                window[key] += losses[key].detach().mean()
+                window[key] += losses[key].detach().mean() * share  # summed over ranks: the global mean
             if global_step % cfg.run.log_every == 0 or global_step == last_step:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": global_step, "epoch": epoch}
-                record.update({k: float(v) / window_steps for k, v in window.items()})
+                sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]),
+                                          "sum")
+                record.update({k: float(v) / window_steps for k, v in zip(window, sums.tolist())})
                 record["lr"] = scheduler.get_last_lr()[0]
                 record["img_per_s"] = window_steps * global_batch / elapsed
                 record["data_wait_frac"] = data_wait / elapsed

@@ -180,8 +180,8 @@ def test_iteration_leaves_the_global_rng_alone(small_shards, small_recipe):
 
 
 def test_bad_arguments_are_clear(small_shards, small_recipe):
-    with pytest.raises(ValueError, match="unknown pipeline backend 'dali'.*'reference'"):
-        pipelines.make_loader("dali", str(small_shards), small_recipe, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="unknown pipeline backend 'tfrecord'.*'reference'"):
+        pipelines.make_loader("tfrecord", str(small_shards), small_recipe, batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="with_geometry"):
         make(small_shards, small_recipe, mode="eval", with_geometry=True)
     with pytest.raises(ValueError, match="mode"):

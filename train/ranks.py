@@ -1,0 +1,49 @@
+"""What the training loop computes across ranks, so that N processes x batch B train like 1 process x N*B.
+
+With the sampler's windows (pipelines/sampler.py) the ranks of step s hold, together, the single process's
+batch of step s. What remains to make the runs agree:
+- the loss: each rank's mean is weighted by its share of the global batch (the last step's shares may differ
+  by one), so DDP's gradient average is the gradient of the global mean;
+- the logged losses: the same weighted sums, all-reduced at log steps only (no per-step communication);
+- log Z of binary NCE: one estimate over every rank's similarities, not a mean of per-rank estimates;
+- the bank update: every rank applies every rank's rows (gather_rows).
+BatchNorm statistics are the one thing left per rank; model.sync_bn synchronises them (model/sync_batchnorm.py).
+"""
+
+import math
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import pad_across_processes
+
+
+def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tensor):
+    """Every rank's (index, features), so each replica of the bank applies the same update.
+
+    Last batches may differ in size by one across ranks: pad with index -1, gather, drop the padding.
+    """
+    if accelerator.num_processes == 1:
+        return index, feats
+    index = pad_across_processes(index, dim=0, pad_index=-1)
+    feats = pad_across_processes(feats, dim=0, pad_index=0)
+    index, feats = accelerator.gather(index), accelerator.gather(feats)
+    keep = index >= 0
+    return index[keep], feats[keep]
+
+
+def loss_weight(local: int, global_batch: int, world_size: int) -> float:
+    """Factor on a rank's mean loss so that DDP's average over ranks is the mean over the global batch."""
+    return local * world_size / global_batch
+
+
+@torch.no_grad()
+def global_log_z(accelerator: Accelerator, pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                 num_data: int) -> torch.Tensor:
+    """log Z = log(num_data) + log mean(exp(s / tau)) over the similarities of every rank (model.losses'
+    estimate_log_z, for the whole global batch): per-rank logsumexp and counts, gathered and combined."""
+    logits = torch.cat([pos.reshape(-1), neg.reshape(-1)]).float() / tau
+    lse = torch.logsumexp(logits, dim=0).reshape(1)
+    count = torch.tensor([float(logits.numel())], device=logits.device)
+    if accelerator.num_processes > 1:
+        lse, count = accelerator.gather(lse), accelerator.gather(count)
+    return math.log(num_data) + torch.logsumexp(lse, dim=0) - torch.log(count.sum())
