@@ -69,3 +69,14 @@ def test_bad_override_exits_with_status_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         pirl.main(["--data.shards=/s", "--optim.lrr=1"])
     assert exit_info.value.code == 2 and "lrr" in capsys.readouterr().err
+
+
+def test_the_multi_node_accelerate_config_loads_and_is_4_by_8():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).resolve().parents[2] / "train" / "configs" / "accelerate" / "4nodes_8gpus.yaml"
+    cfg = ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader: unknown keys would raise
+    assert (cfg.num_machines, cfg.num_processes) == (4, 32)
+    assert str(cfg.distributed_type).endswith("MULTI_GPU") and cfg.mixed_precision == "no"
