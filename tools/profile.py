@@ -4,6 +4,7 @@
     python tools/profile.py step --config train/configs/cpu_small.yaml --data.shards=DIR [--steps 10] [--trace T]
     python tools/profile.py model --setting 32:64:32 --setting 64:64:24 [--arch resnet18] [--steps 4]
     python tools/profile.py augment [--batch-size 64] [--threads 1,2] [--no-compile]
+    python tools/profile.py patches [--arch resnet50] [--batch 8] [--patch-size 64] [--repeats 3]
 
 Each prints a table and, with --json, writes every number with the command line and the device. On a shared
 machine compare numbers taken in the same run (ratios), not across runs. The measurements live in
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{loaders,step,model,augment}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{loaders,step,model,augment,patches}")
 
     p = sub.add_parser("loaders", allow_abbrev=False, help="loader-only samples/s against the JPEG decode limit")
     p.add_argument("--shards", required=True, help="folder written by tools/make_shards.py")
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant; the best counts")
     p.add_argument("--threads", default="1,2", help="comma-separated torch intra-op thread counts")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (~40 s to compile)")
+    p.add_argument("--json", help="write the results here")
+
+    p = sub.add_parser("patches", allow_abbrev=False,
+                       help="the B*9 patches as one trunk batch vs a loop over the nine, NCHW and channels_last")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=8, help="samples B (the pass sees B*9 patches)")
+    p.add_argument("--patch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; each variant reports its median")
     p.add_argument("--json", help="write the results here")
     return parser
 
@@ -122,7 +131,17 @@ def run_augment(args: argparse.Namespace, _overrides: list[str]) -> dict:
     return result
 
 
-COMMANDS = {"loaders": run_loaders, "step": run_step, "model": run_model, "augment": run_augment}
+def run_patches(args: argparse.Namespace, _overrides: list[str]) -> dict:
+    from tools.profiling import patches
+
+    _positive(args, "batch", "patch_size", "repeats")
+    result = patches.profile_patches(args.arch, args.batch, args.patch_size, args.repeats)
+    print(patches.report(result))
+    return result
+
+
+COMMANDS = {"loaders": run_loaders, "step": run_step, "model": run_model, "augment": run_augment,
+            "patches": run_patches}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -181,3 +181,28 @@ def test_help_of_every_subcommand(capsys):
             main([*argv, "--help"])
         assert done.value.code == 0
     assert "--no-compile" in capsys.readouterr().out
+
+
+def test_patches_compares_one_batch_with_the_loop_in_both_formats(tmp_path):
+    out = tmp_path / "patches.json"
+    assert main(["patches", "--arch", "resnet18", "--batch", "2", "--patch-size", "16", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"batched", "looped", "batched_channels_last", "looped_channels_last"}
+    assert all(ms > 0 for ms in result["ms"].values())
+    assert result["looped_over_batched"] == pytest.approx(result["ms"]["looped"] / result["ms"]["batched"])
+
+
+def test_patch_pass_variants_compute_the_same_gradients():
+    from model.trunk import build_trunk
+    from tools.profiling.patches import _pass
+
+    torch.manual_seed(0)
+    trunk = build_trunk("resnet18")[0].eval()  # eval: BatchNorm statistics do not depend on how patches group
+    patches = torch.randn(2, 9, 3, 16, 16)
+    grads = []
+    for looped in (False, True):
+        trunk.zero_grad(set_to_none=True)
+        _pass(trunk, patches, looped)
+        grads.append(trunk.conv1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
