@@ -67,6 +67,9 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(synthetic_shards, t
     launch_two(same_run(synthetic_shards, two, 2), port=29518)
     expected = losses(one)
     assert sorted(expected) == list(range(1, 9))
+    assert [r["step"] for r in read_jsonl(two / "log.jsonl")] == list(range(1, 9))  # written by rank 0 alone
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
+        p.name for p in (one / "checkpoints").iterdir())  # one file per checkpoint step, no per-rank copies
     for step, loss in losses(two).items():
         assert loss == pytest.approx(expected[step], rel=2e-4), step
     a, b = (checkpoint.load(checkpoint.checkpoint_path(d, 8)) for d in (one, two))
