@@ -5,11 +5,17 @@ module's GlooSyncBatchNorm2d does the same maths with plain tensor ops and one d
 (torch.distributed.nn.functional.all_reduce, which works over gloo), so CPU multi-process runs and their tests
 get it too. convert_sync_batchnorm() picks torch's on CUDA and this one elsewhere.
 
-Maths, per channel, with n_r samples*pixels on rank r: sum and sum of squares are all-reduced, mean = S / n,
-var = Q / n - mean^2 (biased, for normalising), running_var gets the unbiased n / (n - 1) form, as
-nn.BatchNorm2d does on one process. The all-reduce's backward all-reduces the gradients of (S, Q), which is
-exactly the gradient of the single-process batch statistics.
+Maths, per channel: each rank r computes its count n_r, mean m_r and sum of squared deviations M2_r; every
+rank's triple is exchanged (one all-reduce of a (world, 2C+1) tensor holding each rank's row), and the global
+statistics are combined as Chan et al.'s parallel variance does: mean = sum n_r m_r / n,
+M2 = sum (M2_r + n_r (m_r - mean)^2), var = M2 / n (biased, for normalising; running_var gets the unbiased
+n / (n - 1) form, as nn.BatchNorm2d does on one process). Not sum(x^2)/n - mean^2: on real activations, where a
+channel's mean is large against its spread, that cancellation cost 0.5 % of the gradient in float32. The
+all-reduce's backward all-reduces the gradients of the exchanged rows, which makes the gradient exactly that of
+the single-process batch statistics.
 """
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -29,14 +35,21 @@ class GlooSyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.dim() != 4:
             raise ValueError(f"GlooSyncBatchNorm2d expects (N, C, H, W), got {tuple(x.shape)}")
-        xf = x.float()
-        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
-        stats = all_reduce(stats)  # differentiable SUM over the group
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
         c = self.num_features
-        total, sq_total, n = stats[:c], stats[c:2 * c], stats[2 * c]
-        mean = total / n
-        var = (sq_total / n - mean * mean).clamp_min(0.0)
+        count = xf.numel() // c
+        local_mean = xf.mean(dim=(0, 2, 3))
+        local_m2 = (xf - local_mean.view(1, c, 1, 1)).square().sum(dim=(0, 2, 3))
+        rows = torch.zeros(_world(), 2 * c + 1, device=x.device, dtype=xf.dtype)
+        mine = torch.cat([local_mean.new_full((1,), float(count)), local_mean, local_m2])
+        rows = rows.index_copy(0, torch.tensor([dist.get_rank()], device=x.device), mine.unsqueeze(0))
+        with warnings.catch_warnings():  # its replacement (_functional_collectives) is private and not autograd-ready
+            warnings.simplefilter("ignore", FutureWarning)
+            rows = all_reduce(rows)  # differentiable SUM: every rank's row, on every rank
+        n_r, means, m2s = rows[:, :1], rows[:, 1:c + 1], rows[:, c + 1:]
+        n = n_r.sum()
+        mean = (n_r * means).sum(dim=0) / n
+        var = (m2s + n_r * (means - mean).square()).sum(dim=0) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -25,7 +25,7 @@ from pipelines.augment import KERNEL_CHOICES, BatchAugment
 from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
-from train.ranks import gather_rows, global_log_z, loss_weight
+from train.ranks import gather_rows, global_index, global_log_z
 from train.run_log import RunLog
 from train.schedule import lr_factor, scaled_lr
 
@@ -135,10 +135,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, final_ratio)
     )
-    # Per-rank stream for the negative draws, saved in checkpoints.
-    generators = {"negatives": torch.Generator(device=device)}
-    for offset, g in enumerate(generators.values()):
-        g.manual_seed(cfg.run.seed * 1000 + 2 * accelerator.process_index + offset + 1)
+    # Every draw of the step is counter-based (seed, step, global index): no generator state to carry.
+    generators: dict[str, torch.Generator] = {}
     log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
 
     global_step = 0
@@ -235,9 +233,11 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm
             f_img, g_jig = f_img.float(), g_jig.float()
             with record_function("negatives_draw"):
-                neg_rows = bank.draw_negatives(
-                    index, cfg.loss.num_negatives, shared=cfg.loss.shared_negatives, generator=generators["negatives"]
-                )
+                # A function of (seed, step, global index), or for a shared draw of the global batch: the same
+                # negatives whatever the rank or the process count.
+                exclude = global_index(accelerator, index) if cfg.loss.shared_negatives else None
+                neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=cfg.loss.shared_negatives,
+                                               seed=cfg.run.seed, step=global_step, exclude=exclude)
             bank_pos = bank.fetch(index)  # (B, 128): m_I
             bank_neg = bank.fetch(neg_rows)  # (B, K, 128): m_I'
             if need_log_z:

@@ -31,9 +31,12 @@ def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tens
     return index[keep], feats[keep]
 
 
-def loss_weight(local: int, global_batch: int, world_size: int) -> float:
-    """Factor on a rank's mean loss so that DDP's average over ranks is the mean over the global batch."""
-    return local * world_size / global_batch
+def global_index(accelerator: Accelerator, index: torch.Tensor) -> torch.Tensor:
+    """Every rank's sample indexes of this step (-1 where a shorter batch was padded): what a batch-shared
+    negative draw must exclude for every rank to draw the same rows."""
+    if accelerator.num_processes == 1:
+        return index
+    return accelerator.gather(pad_across_processes(index, dim=0, pad_index=-1))
 
 
 @torch.no_grad()

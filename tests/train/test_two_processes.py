@@ -57,35 +57,52 @@ def test_two_process_run_updates_the_bank_rows_of_both_ranks(synthetic_shards, t
     assert set(np.flatnonzero(changed.numpy())) == set(visited.tolist())  # both ranks' rows, no others
 
 
+def update_error(a: dict, b: dict, initial: dict) -> float:
+    """|(b - initial) - (a - initial)| / |a - initial| over all floating-point weights: how far two runs' updates
+    from the same start differ, relative to the update itself."""
+    num = den = 0.0
+    for key, w0 in initial.items():
+        if w0.is_floating_point():
+            num += float((b[key] - a[key]).double().square().sum())
+            den += float((a[key] - w0).double().square().sum())
+    return (num / den) ** 0.5
+
+
 @pytest.mark.slow
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(synthetic_shards, tmp_path):
-    """Same seed, same global batch: the losses agree step by step, and so do the final weights and bank. Then a
-    checkpoint of the 2-process run resumes on 1 process, and one of the 1-process run on 2, continuing it."""
+    """Same seed, same global batch of 8, synchronised BatchNorm: the same samples, draws and losses, and the same
+    update. Then checkpoints cross process counts: 2 -> 1 and 1 -> 2 continue the run they came from.
+
+    Float32 rounding bounds how far "the same" goes: BatchNorm's backward at random init subtracts nearly equal
+    per-sample gradients, which amplifies rounding (0.5 % of the first update here; 6e-8 in float64), and the
+    runs then drift apart step by step as any two float32 runs with different reduction orders do. So the test
+    checks the first steps tightly and each resumed step against its own run.
+    """
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
-    pirl.main(same_run(synthetic_shards, one, 1))  # 30 samples / 8: 4 steps an epoch, 8 in all
-    launch_two(same_run(synthetic_shards, two, 2), port=29518)
-    expected = losses(one)
-    assert sorted(expected) == list(range(1, 9))
-    assert [r["step"] for r in read_jsonl(two / "log.jsonl")] == list(range(1, 9))  # written by rank 0 alone
+    every_step = ["--run.ckpt_every=1", "--run.max_steps=4"]
+    pirl.main([*same_run(synthetic_shards, one, 1), *every_step])
+    launch_two([*same_run(synthetic_shards, two, 2), *every_step], port=29518)
+    expected, got = losses(one), losses(two)
+    assert sorted(expected) == sorted(got) == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(two / "log.jsonl")] == [1, 2, 3, 4]  # written by rank 0 alone
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
         p.name for p in (one / "checkpoints").iterdir())  # one file per checkpoint step, no per-rank copies
-    for step, loss in losses(two).items():
-        assert loss == pytest.approx(expected[step], rel=2e-4), step
-    a, b = (checkpoint.load(checkpoint.checkpoint_path(d, 8)) for d in (one, two))
+    assert got[1] == pytest.approx(expected[1], rel=1e-5)  # same samples, crops, patch orders, negatives, log Z
+    assert got[2] == pytest.approx(expected[2], rel=2e-3)  # after one update
+    a, b = (checkpoint.load(checkpoint.checkpoint_path(d, 1)) for d in (one, two))
     assert (a["world_size"], b["world_size"], a["global_batch"], b["global_batch"]) == (1, 2, 8, 8)
-    torch.testing.assert_close(b["bank"]["rows"], a["bank"]["rows"], rtol=1e-3, atol=1e-4)
-    for key in a["model"]:
-        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-3, atol=1e-4)
+    torch.manual_seed(0)
+    initial = PIRLNet("resnet18").state_dict()
+    # A wrong loss weighting or gradient average would be off by ~100 %; rounding gives ~0.5 %.
+    assert update_error(a["model"], b["model"], initial) < 0.03
+    torch.testing.assert_close(b["bank"]["rows"], a["bank"]["rows"], rtol=0, atol=1e-4)
 
-    # 2 processes stopped after step 3 (its checkpoint), resumed on 1; and the other way round.
-    two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
-    launch_two([*same_run(synthetic_shards, two_then_one, 2), "--run.max_steps=3"], port=29519)
-    pirl.main([*same_run(synthetic_shards, two_then_one, 1), "--resume"])
-    pirl.main([*same_run(synthetic_shards, one_then_two, 1), "--run.max_steps=3"])
-    launch_two([*same_run(synthetic_shards, one_then_two, 2), "--resume"], port=29520)
-    for out_dir in (two_then_one, one_then_two):
-        resumed = losses(out_dir)
-        assert sorted(resumed) == list(range(1, 9))
-        for step in range(1, 9):
-            assert resumed[step] == pytest.approx(expected[step], rel=2e-4), (out_dir.name, step)
+    # Resume each run's step-2 checkpoint on the other process count: the next step is the run's own step 3.
+    for source, processes, port in ((two, 1, 29519), (one, 2, 29520)):
+        resumed = tmp_path / f"{source.name}_on_{processes}"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copy(checkpoint.checkpoint_path(source, 2), checkpoint.checkpoint_path(resumed, 2))
+        args = [*same_run(synthetic_shards, resumed, processes), "--run.max_steps=3", "--resume"]
+        pirl.main(args) if processes == 1 else launch_two(args, port=port)
+        assert losses(resumed)[3] == pytest.approx(losses(source)[3], rel=1e-5), source.name
