@@ -1,6 +1,7 @@
 """Make WebDataset shards (+ DALI index files + manifest.json) from an image folder tree or a list of image paths.
 
     python tools/make_shards.py --input SRC --output OUT [--workers N] [--shard-size BYTES] [--max-side PX]
+    python tools/make_shards.py --input SRC --output OUT --format beton [--compress-probability P] [...]
     python tools/make_shards.py --verify OUT
 
 Python API: build_shards(src, out, workers=1, ...) -> manifest dict; verify_shards(out) -> VerifyReport.
@@ -14,11 +15,13 @@ import re
 import sys
 import time
 
+from tools.sharding.beton import build_beton, manifest_format, verify_beton
 from tools.sharding.build import DEFAULT_PREFIX, DEFAULT_SHARD_SIZE, OutputNotEmptyError, build_shards
 from tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY
 from tools.sharding.verify import VerifyReport, verify_shards
 
-__all__ = ["build_shards", "verify_shards", "VerifyReport", "OutputNotEmptyError", "main"]
+__all__ = ["build_shards", "build_beton", "verify_shards", "verify_beton", "VerifyReport", "OutputNotEmptyError",
+           "main"]
 
 _SIZE = re.compile(r"(?i)\s*([0-9]+)\s*(|k|m|g|kb|mb|gb|kib|mib|gib)\s*")
 _UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -43,6 +46,12 @@ Images: each is fully decoded once in a worker. RGB or greyscale JPEGs keep thei
   and re-encoded), because DALI's decoder applies EXIF orientation while Pillow and torchvision ignore it.
   Bad files (empty, truncated, not an image, HTML pages, decompression bombs, unreadable) are skipped and listed
   with their reason in manifest.json "skipped"; the run goes on.
+
+--format beton: OUT/dataset.beton (FFCV; fields image, index, label) + manifest.json, for data.backend=ffcv.
+  --input may also be a shard folder of this tool (converted as stored, every idx kept, after --verify passes).
+  The images go through the same checks first (as temporary shards in OUT/webdataset.tmp, removed at the end).
+  --compress-probability P stores a share 1-P of the images as raw RGB pixels (FFCV's "proportion" mode:
+  no decoding when loading, ~10x the bytes; which ones is drawn from the idx). Needs ffcv (pip install -e ".[ffcv]").
 
 A second run into a non-empty --output REFUSES (exit status 2) and names the folder, mentioning stale *.tmp
   files of a crashed run; it never appends or overwrites. Shards are written as *.tmp and renamed when complete;
@@ -82,6 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=positive_int, metavar="PIXELS", default=DEFAULT_MAX_PIXELS,
                         help="skip images whose header claims more pixels, before decoding (default: %(default)s, "
                         "Pillow's own limit)")
+    parser.add_argument("--jpeg-quality", type=int, metavar="Q", default=None,
+                        help=f"quality of re-encoded images, 1-100 (default: {JPEG_QUALITY})")
+    parser.add_argument("--format", choices=("webdataset", "beton"), default="webdataset",
+                        help="webdataset: tar shards (every backend but ffcv); beton: one FFCV file (default: "
+                        "%(default)s)")
+    parser.add_argument("--compress-probability", type=float, metavar="P", default=None,
+                        help="--format beton: share of images stored as JPEG, the rest as raw pixels (default: 1)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="shard file name prefix (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", metavar="OUT",
@@ -93,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--verify takes no --input/--output")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
+    if args.format != "beton" and args.compress_probability is not None:
+        parser.error("--compress-probability applies to --format beton only")
+    if args.compress_probability is not None and not 0.0 <= args.compress_probability <= 1.0:
+        parser.error("--compress-probability must be in [0, 1]")
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
+        parser.error("--jpeg-quality must be in 1..100")
     return args
 
 
@@ -101,17 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify is not None:
         return _verify(args.verify)
     start = time.perf_counter()
+    common = dict(workers=args.workers, shard_size=args.shard_size, max_side=args.max_side,
+                  max_pixels=args.max_pixels, show_progress=not args.no_progress)
     try:
-        manifest = build_shards(
-            args.input,
-            args.output,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            max_side=args.max_side,
-            max_pixels=args.max_pixels,
-            prefix=args.prefix,
-            show_progress=not args.no_progress,
-        )
+        if args.format == "beton":
+            manifest = build_beton(args.input, args.output, jpeg_quality=args.jpeg_quality, **common,
+                                   compress_probability=1.0 if args.compress_probability is None
+                                   else args.compress_probability)
+        else:
+            manifest = build_shards(args.input, args.output, prefix=args.prefix, **common,
+                                    jpeg_quality=JPEG_QUALITY if args.jpeg_quality is None else args.jpeg_quality)
     except (OutputNotEmptyError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
@@ -120,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  skipped {count}: {reason}", file=sys.stderr)
     if manifest["num_skipped"]:
         print(f"  (each skipped file and its reason: {args.output}/manifest.json \"skipped\")", file=sys.stderr)
-    total_mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
+    files = [manifest["beton"]] if "beton" in manifest else manifest["shards"]
+    total_mb = sum(s["bytes"] for s in files) / 1e6
+    what = "1 .beton file" if "beton" in manifest else f"{len(files)} shards"
     kept = manifest["num_samples"]
     print(
-        f"kept {kept}, skipped {manifest['num_skipped']} ({len(manifest['shards'])} shards, {total_mb:.1f} MB) "
+        f"kept {kept}, skipped {manifest['num_skipped']} ({what}, {total_mb:.1f} MB) "
         f"in {elapsed:.1f} s ({(kept + manifest['num_skipped']) / elapsed:.1f} files/s)"
     )
     if kept == 0:
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verify(shard_dir: str) -> int:
-    report = verify_shards(shard_dir)
+    report = verify_beton(shard_dir) if manifest_format(shard_dir) == "beton" else verify_shards(shard_dir)
     for problem in report.problems:
         print(f"verify: {problem}", file=sys.stderr)
     status = "OK" if report.ok else f"FAILED with {len(report.problems)} problem(s)"

@@ -4,6 +4,7 @@
     python tools/profile.py step --config train/configs/cpu_small.yaml --data.shards=DIR [--steps 10] [--trace T]
     python tools/profile.py model --setting 32:64:32 --setting 64:64:24 [--arch resnet18] [--steps 4]
     python tools/profile.py augment [--batch-size 64] [--threads 1,2] [--no-compile]
+    python tools/profile.py bank --rows 100000 --dim 128 --batch 64 --negatives 32000 [--dtype bfloat16] [--threads 1,2]
     python tools/profile.py patches [--arch resnet50] [--batch 8] [--patch-size 64] [--repeats 3]
 
 Each prints a table and, with --json, writes every number with the command line and the device. On a shared
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{loaders,step,model,augment,patches}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{loaders,step,model,augment,patches,bank}")
 
     p = sub.add_parser("loaders", allow_abbrev=False, help="loader-only samples/s against the JPEG decode limit")
     p.add_argument("--shards", required=True, help="folder written by tools/make_shards.py")
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="samples B (the pass sees B*9 patches)")
     p.add_argument("--patch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; each variant reports its median")
+    p.add_argument("--json", help="write the results here")
+
+    p = sub.add_parser("bank", allow_abbrev=False, help="negatives: per-sample draws against one shared draw per batch")
+    p.add_argument("--rows", type=int, default=100_000, help="bank rows (dataset size)")
+    p.add_argument("--dim", type=int, default=128, help="embedding size")
+    p.add_argument("--batch", type=int, default=64, help="samples per batch")
+    p.add_argument("--negatives", type=int, default=32_000, help="negatives per sample (the paper's 32,000)")
+    p.add_argument("--dtype", default="float32", help="bank rows: float32, bfloat16 or float16")
+    p.add_argument("--threads", default="1", help="comma-separated torch intra-op thread counts")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds after a warm-up round, the variants in turn; each variant's best counts")
     p.add_argument("--json", help="write the results here")
     return parser
 
@@ -140,8 +152,18 @@ def run_patches(args: argparse.Namespace, _overrides: list[str]) -> dict:
     return result
 
 
+def run_bank(args: argparse.Namespace, _overrides: list[str]) -> dict:
+    from tools.profiling import bank
+
+    _positive(args, "rows", "dim", "batch", "negatives", "repeats")
+    threads = parse_list(args.threads, "--threads", int, minimum=1)
+    result = bank.profile_bank(args.rows, args.dim, args.batch, args.negatives, args.dtype, threads, args.repeats)
+    print(bank.report(result))
+    return result
+
+
 COMMANDS = {"loaders": run_loaders, "step": run_step, "model": run_model, "augment": run_augment,
-            "patches": run_patches}
+            "patches": run_patches, "bank": run_bank}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,8 @@ class DataConfig:
     augment_kernels: str = "auto"  # batched stage: auto (numba on CPU, tensor ops elsewhere), numba, tensor, compiled
     recipe: PirlRecipe = field(default_factory=PirlRecipe)
     dali: DaliOptions = field(default_factory=DaliOptions)  # backend=dali only: decode device, queue depths
+    # backend=ffcv only: read the .beton through the OS page cache (shared by a node's ranks); false: FFCV's own
+    ffcv_os_cache: bool = True
 
 
 @dataclass
@@ -49,6 +51,10 @@ class LossConfig:
     shared_negatives: bool = False  # False: the paper's per-sample draws; True: one draw per batch
     bank_momentum: float = 0.5  # EMA weight of the memory bank (paper section 2.4)
     bank_init: str = "random"  # "random": unit vectors, as the reference; "features": f(v_I) of the initial net
+    # "replicated": every rank holds the whole bank (the reference's way); "sharded": row i on rank i % world,
+    # bank memory / world per rank (README, "The memory bank across ranks": shard with shared_negatives)
+    bank: str = "replicated"
+    bank_dtype: str = "float32"  # float32, bfloat16 or float16 rows: half the memory (README: the loss's deviation)
 
 
 @dataclass

@@ -17,8 +17,9 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 import pipelines
-from model.losses import pirl_loss
+from model.losses import negative_similarities, pirl_loss
 from model.memory_bank import MemoryBank
+from model.sharded_bank import ShardedMemoryBank
 from model.pirl import PIRLNet
 from model.sync_batchnorm import convert_sync_batchnorm
 from pipelines.augment import KERNEL_CHOICES, BatchAugment
@@ -30,9 +31,22 @@ from train.run_log import RunLog
 from train.schedule import lr_factor, scaled_lr
 
 
+BANK_KINDS = ("replicated", "sharded")
+BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_bank(cfg: PirlConfig, num_rows: int, device: torch.device):
+    """The memory bank of loss.bank / loss.bank_dtype. Replicated rows start from the global RNG (seeded by the
+    caller); sharded rows from counter draws keyed by the seed, since each rank builds only its own rows."""
+    dtype = BANK_DTYPES[cfg.loss.bank_dtype]
+    if cfg.loss.bank == "sharded":
+        return ShardedMemoryBank(num_rows, cfg.model.embed_dim, dtype=dtype, init_seed=cfg.run.seed, device=device)
+    return MemoryBank(num_rows, cfg.model.embed_dim, dtype=dtype).to(device)
+
+
 def backend_options(cfg: PirlConfig) -> dict:
     """Keyword arguments only the configured backend takes."""
-    return {"dali": {"options": cfg.data.dali}}.get(cfg.data.backend, {})
+    return {"dali": {"options": cfg.data.dali}, "ffcv": {"os_cache": cfg.data.ffcv_os_cache}}.get(cfg.data.backend, {})
 
 
 def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrain"):
@@ -84,7 +98,7 @@ def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator:
     for batch in tqdm(loader, desc="bank init", unit="batch", disable=not accelerator.is_main_process, leave=False):
         index = batch["index"].to(accelerator.device)
         feats = net.image_embedding(augment.eval(to_device(batch, accelerator.device))["image"])
-        rows, feats = gather_rows(accelerator, index, feats.float())
+        rows, feats = gather_rows(accelerator, index, feats.float(), loader.max_batch_size)
         bank.update(rows, feats, momentum=0.0)
 
 
@@ -104,6 +118,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         cfg.data.dali.validate()
     except ValueError as err:
         raise ConfigError(f"data.{err}") from None
+    if cfg.loss.bank not in BANK_KINDS:
+        raise ConfigError(f"loss.bank must be one of {BANK_KINDS}, got {cfg.loss.bank!r}")
+    if cfg.loss.bank_dtype not in BANK_DTYPES:
+        raise ConfigError(f"loss.bank_dtype must be one of {tuple(BANK_DTYPES)}, got {cfg.loss.bank_dtype!r}")
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
     # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.
@@ -125,7 +143,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         net = convert_sync_batchnorm(net, device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    bank = MemoryBank(loader.num_samples, cfg.model.embed_dim).to(device)
+    bank = build_bank(cfg, loader.num_samples, device)
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -177,10 +195,11 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
 
     def save(step: int) -> None:
         accelerator.wait_for_everyone()
+        bank_state = bank.state_dict()  # collective for a sharded bank: every rank calls it, rank 0 gets the rows
         if accelerator.is_main_process:
             state = {
                 "model": accelerator.unwrap_model(net).state_dict(),
-                "bank": bank.state_dict(),
+                "bank": bank_state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "log_z": log_z.cpu(),
@@ -235,15 +254,16 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
             with record_function("negatives_draw"):
                 # A function of (seed, step, global index), or for a shared draw of the global batch: the same
                 # negatives whatever the rank or the process count.
-                exclude = global_index(accelerator, index) if cfg.loss.shared_negatives else None
-                neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=cfg.loss.shared_negatives,
+                shared = cfg.loss.shared_negatives
+                exclude = global_index(accelerator, index, loader.max_batch_size) if shared else None
+                neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=shared,
                                                seed=cfg.run.seed, step=global_step, exclude=exclude)
             bank_pos = bank.fetch(index)  # (B, 128): m_I
-            bank_neg = bank.fetch(neg_rows)  # (B, K, 128): m_I'
+            bank_neg = bank.negatives(neg_rows)  # m_I': rows and ids, never a (B, K, 128) copy where avoidable
             if need_log_z:
                 with torch.no_grad():
                     pos = (f_img * bank_pos).sum(-1)
-                    neg = torch.einsum("bd,bkd->bk", f_img, bank_neg)
+                    neg = negative_similarities(f_img.unsqueeze(0), bank_neg)[0]
                     log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
                 need_log_z = False
             with record_function("loss"):
@@ -261,7 +281,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 optimizer.step()
                 scheduler.step()
             with record_function("bank_update"):
-                rows, feats = gather_rows(accelerator, index, f_img.detach())
+                rows, feats = gather_rows(accelerator, index, f_img.detach(), loader.max_batch_size)
                 bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
 
             global_step += 1

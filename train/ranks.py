@@ -14,29 +14,33 @@ import math
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import pad_across_processes
 
 
-def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tensor):
-    """Every rank's (index, features), so each replica of the bank applies the same update.
+def pad_to(tensor: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """tensor padded along dim 0 to `size` rows of `value`: a fixed shape, known on the host (no size exchange)."""
+    if tensor.shape[0] > size:
+        raise ValueError(f"a batch of {tensor.shape[0]} rows exceeds the padded size {size}")
+    pad = tensor.new_full((size - tensor.shape[0], *tensor.shape[1:]), value)
+    return torch.cat([tensor, pad])
 
-    Last batches may differ in size by one across ranks: pad with index -1, gather, drop the padding.
+
+def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tensor, size: int):
+    """Every rank's (index, features), so each bank (replica or shard owner) applies the whole global update.
+
+    Each rank pads to `size` (the loader's largest batch) with index -1, which the banks skip: fixed shapes, no
+    host synchronisation, no boolean mask.
     """
     if accelerator.num_processes == 1:
         return index, feats
-    index = pad_across_processes(index, dim=0, pad_index=-1)
-    feats = pad_across_processes(feats, dim=0, pad_index=0)
-    index, feats = accelerator.gather(index), accelerator.gather(feats)
-    keep = index >= 0
-    return index[keep], feats[keep]
+    return accelerator.gather(pad_to(index, size, -1)), accelerator.gather(pad_to(feats, size, 0))
 
 
-def global_index(accelerator: Accelerator, index: torch.Tensor) -> torch.Tensor:
-    """Every rank's sample indexes of this step (-1 where a shorter batch was padded): what a batch-shared
+def global_index(accelerator: Accelerator, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Every rank's sample indexes of this step, -1 where a batch was padded to `size`: what a batch-shared
     negative draw must exclude for every rank to draw the same rows."""
     if accelerator.num_processes == 1:
         return index
-    return accelerator.gather(pad_across_processes(index, dim=0, pad_index=-1))
+    return accelerator.gather(pad_to(index, size, -1))
 
 
 @torch.no_grad()

@@ -66,6 +66,8 @@ def test_untrusted_checkpoint_is_refused(tmp_path):
         ["--loss.bank_init=features"], ["--run.channels_last=true"],
         ["--data.recipe.jigsaw_view=rotation"], ["--data.recipe.jigsaw_view=rotation_jigsaw"],
         ["--data.recipe.patch_rotation=true", "--data.recipe.patch_flip_p=0.5"],
+        ["--loss.bank=sharded", "--loss.shared_negatives=true"], ["--loss.bank_dtype=bfloat16"],
+        ["--loss.bank_dtype=float16", "--loss.bank=sharded"],
     ],
 )
 def test_variants_run_and_log_finite_losses(synthetic_shards, tmp_path, variant):
@@ -116,6 +118,8 @@ def test_unknown_augment_kernels_is_a_config_error(synthetic_shards, tmp_path):
     ("--data.backend=tfrecord", "data.backend must be one of"),
     ("--data.dali.decode_device=gpu", "data.dali.decode_device must be one of"),
     ("--data.dali.hw_decoder_load=1.5", "data.dali.hw_decoder_load must be in"),
+    ("--loss.bank=distributed", "loss.bank must be one of"),
+    ("--loss.bank_dtype=float64", "loss.bank_dtype must be one of"),
 ])
 def test_bad_backend_settings_are_config_errors(synthetic_shards, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -55,6 +55,7 @@ def build_shards(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prefix: str = DEFAULT_PREFIX,
+    jpeg_quality: int = JPEG_QUALITY,
 ) -> dict:
     """Make WebDataset shards of `src` (image folder tree or list file) in the new or empty folder `out`.
 
@@ -66,12 +67,14 @@ def build_shards(
         raise ValueError(
             f"shard_size, max_pixels and max_side must be positive: {shard_size}, {max_pixels}, {max_side}"
         )
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r}: use letters, digits, '_' and '-' only")
     source = open_source(src)
     _prepare_output(out, src if source.kind == "folder" else None)
 
-    options = CheckOptions(max_pixels=max_pixels, max_side=max_side, jpeg_quality=JPEG_QUALITY)
+    options = CheckOptions(max_pixels=max_pixels, max_side=max_side, jpeg_quality=jpeg_quality)
     writer = ShardWriter(out, prefix, shard_size)
     progress = Progress(show_progress)
     skip_counts: Counter[str] = Counter()
