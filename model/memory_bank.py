@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from model.losses import Negatives
-from pipelines.rng import _MASK32, _mix32, derive_seed
-
-# First words of the seeds derived here, apart from pipelines/rng.py's purposes (1-4) and room for theirs.
-PURPOSE_NEGATIVES = 16  # per-sample draws
-PURPOSE_BANK_INIT = 17
-PURPOSE_SHARED_NEGATIVES = 18  # a stream apart from sample 0's per-sample draws, which hash the same counters
+from pipelines.rng import (PURPOSE_BANK_INIT, PURPOSE_NEGATIVES, PURPOSE_SHARED_NEGATIVES, counter_words,
+                          derive_seed)
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One 32-bit word maps onto n values with relative bias <= n / 2**32 between values (multiply-shift); above
@@ -37,20 +33,6 @@ _CPU_HASH_CHUNK = 2**15
 def negatives_key(seed: int, step: int, shared: bool = False) -> int:
     """The key of one step's counter draws (a derive_seed value): a host computation, no device work."""
     return derive_seed(PURPOSE_SHARED_NEGATIVES if shared else PURPOSE_NEGATIVES, seed, step)
-
-
-def counter_words(key: int, index: torch.Tensor, num: int) -> torch.Tensor:
-    """(B, num) int64 in [0, 2**32): exactly counter_uniform(key, index, num) * 2**32 (pipelines/rng.py).
-
-    The same hash without counter_uniform's check of negative indexes, whose `.any()` would sync a GPU with the
-    host; index must hold non-negative values (sample indexes are). Computed on index's device.
-    """
-    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
-    h = _mix32((index & _MASK32) ^ k0)
-    h = _mix32(h ^ (index >> 32) ^ k1)
-    slots = torch.arange(num, dtype=torch.int64, device=index.device)
-    h = _mix32(h.unsqueeze(1) ^ slots)
-    return _mix32(h ^ k1)
 
 
 def bounded(words: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:

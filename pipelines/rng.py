@@ -22,6 +22,10 @@ def generator_for(purpose: int, *words: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(purpose, *words))
 PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipelines/augment.py)
 PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
+# The memory bank's counter draws (model/memory_bank.py).
+PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
+PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)
+PURPOSE_SHARED_NEGATIVES = 18  # one draw per batch: a stream apart from the per-sample one, which hashes the same counters
 
 _MASK32 = 0xFFFFFFFF
 
@@ -42,6 +46,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def counter_words(key: int, index: torch.Tensor, num: int) -> torch.Tensor:
+    """(B, num) int64 32-bit words: word j of sample index[b] is a hash of (key, index[b], j).
+
+    counter_uniform without its check of negative indexes, whose `.any()` would make a GPU wait for the host:
+    for hot paths whose indexes are non-negative by construction (sample indexes). Computed on index's device.
+    """
+    index = index.to(torch.int64)
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    h = _mix32((index & _MASK32) ^ k0)
+    h = _mix32(h ^ (index >> 32) ^ k1)  # index >> 32 is 0 below 4.3e9 samples; kept for larger sets
+    slots = torch.arange(num, dtype=torch.int64, device=index.device)
+    h = _mix32(h.unsqueeze(1) ^ slots)  # (B, num)
+    return _mix32(h ^ k1)  # a second round after the slot, so neighbouring slots decorrelate fully
+
+
 def counter_uniform(key: int, index: torch.Tensor, num: int) -> torch.Tensor:
     """(B, num) float64 uniforms in [0, 1): draw j of sample index[b] is a hash of (key, index[b], j).
 
@@ -52,10 +71,4 @@ def counter_uniform(key: int, index: torch.Tensor, num: int) -> torch.Tensor:
     index = index.to(torch.int64)
     if (index < 0).any():
         raise ValueError("counter_uniform: sample indexes must be non-negative")
-    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
-    h = _mix32((index & _MASK32) ^ k0)
-    h = _mix32(h ^ (index >> 32) ^ k1)  # index >> 32 is 0 below 4.3e9 samples; kept for larger sets
-    slots = torch.arange(num, dtype=torch.int64, device=index.device)
-    h = _mix32(h.unsqueeze(1) ^ slots)  # (B, num)
-    h = _mix32(h ^ k1)  # a second round after the slot, so neighbouring slots decorrelate fully
-    return h.to(torch.float64) / 2.0**32
+    return counter_words(key, index, num).to(torch.float64) / 2.0**32

@@ -214,6 +214,11 @@ def build_sample_table(shard_dir: str | os.PathLike) -> SampleTable:
     shard_dir = Path(shard_dir)
     manifest_path = shard_dir / MANIFEST_NAME
     manifest = read_manifest(shard_dir)
+    if manifest.get("format") == "beton":
+        raise ShardIndexError(
+            f"{shard_dir} holds an FFCV .beton (tools/make_shards.py --format beton), not WebDataset shards: "
+            "read it with data.backend=ffcv, or point this backend at the shards it was converted from"
+        )
     labelled = bool(manifest["labelled"])
     n = int(manifest["num_samples"])
     parts: list[dict[str, np.ndarray]] = []

@@ -243,3 +243,8 @@ def test_training_run_with_the_ffcv_backend_resumes_exactly(ffcv, tmp_path):
     assert sorted(losses[1]) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_beton_folder_given_to_the_reference_backend_says_what_it_is(small_beton, small_recipe):
+    with pytest.raises(ValueError, match="holds an FFCV .beton.*data.backend=ffcv"):
+        pipelines.make_loader("reference", str(small_beton), small_recipe, batch_size=4, num_workers=0)
