@@ -40,7 +40,7 @@ def _import_dali():
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as err:
-        raise BackendUnavailable(f"data.backend=dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from err
+        raise BackendUnavailable(f"data.backend=dali needs NVIDIA DALI, not installed here: {INSTALL_HINT}") from err
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import Pipeline

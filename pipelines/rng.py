@@ -25,7 +25,7 @@ PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global inde
 # The memory bank's counter draws (model/memory_bank.py).
 PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
 PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)
-PURPOSE_SHARED_NEGATIVES = 18  # one draw per batch: a stream apart from the per-sample one, which hashes the same counters
+PURPOSE_SHARED_NEGATIVES = 18  # one draw per batch: apart from the per-sample stream (same counters)
 
 _MASK32 = 0xFFFFFFFF
 

@@ -26,6 +26,7 @@ from pipelines.augment import KERNEL_CHOICES, BatchAugment
 from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
+from train.preemption import StopOnSigterm
 from train.ranks import gather_rows, global_index, global_log_z
 from train.run_log import RunLog
 from train.schedule import lr_factor, scaled_lr
@@ -180,7 +181,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         log_z = state["log_z"]
         global_step = state["step"]
-        checkpoint.restore_rng_state(state["rng"], {k: g for k, g in generators.items() if k in state["rng"]["generators"]})
+        saved_streams = state["rng"]["generators"]  # older checkpoints also hold per-rank streams, now unused
+        checkpoint.restore_rng_state(state["rng"], {k: g for k, g in generators.items() if k in saved_streams})
         accelerator.print(f"resumed from {path} at step {global_step}")
     elif cfg.loss.bank_init == "features":
         init_bank_from_features(net.to(device), bank, cfg, accelerator)
@@ -225,99 +227,111 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     record: dict = {}
     net.train()
     start_epoch, start_in_epoch = divmod(global_step, steps_per_epoch)
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        if global_step >= last_step:
-            break
-        step_in_epoch = start_in_epoch if epoch == start_epoch else 0
-        loader.set_epoch(epoch, start_step=step_in_epoch)
-        batches = iter(loader)
-        while global_step < last_step:
-            wait_start = time.perf_counter()
-            with record_function("data_wait"):
-                batch = next(batches, None)
-            if batch is None:
+    stop, stopping = StopOnSigterm(), False
+    try:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            if global_step >= last_step or stopping:
                 break
-            data_wait += time.perf_counter() - wait_start
-            with record_function("to_device"):
-                batch = to_device(batch, device)
-                index = batch["index"].to(device, non_blocking=True)
-            with record_function("augment"):
-                batch = augment(batch, epoch)  # uint8 loader batch -> float model batch, on the device
-                image, patches = batch["image"], batch["patches"]
-                if cfg.run.channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last)
+            step_in_epoch = start_in_epoch if epoch == start_epoch else 0
+            loader.set_epoch(epoch, start_step=step_in_epoch)
+            batches = iter(loader)
+            while global_step < last_step:
+                wait_start = time.perf_counter()
+                with record_function("data_wait"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                data_wait += time.perf_counter() - wait_start
+                with record_function("to_device"):
+                    batch = to_device(batch, device)
+                    index = batch["index"].to(device, non_blocking=True)
+                with record_function("augment"):
+                    batch = augment(batch, epoch)  # uint8 loader batch -> float model batch, on the device
+                    image, patches = batch["image"], batch["patches"]
+                    if cfg.run.channels_last:
+                        image = image.contiguous(memory_format=torch.channels_last)
 
-            order = patch_orders(cfg.run.seed, global_step, batch["index"], net_patches).to(device, non_blocking=True)
-            with autocast:
-                f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm
-            f_img, g_jig = f_img.float(), g_jig.float()
-            with record_function("negatives_draw"):
-                # A function of (seed, step, global index), or for a shared draw of the global batch: the same
-                # negatives whatever the rank or the process count.
-                shared = cfg.loss.shared_negatives
-                exclude = global_index(accelerator, index, loader.max_batch_size) if shared else None
-                neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=shared,
-                                               seed=cfg.run.seed, step=global_step, exclude=exclude)
-            bank_pos = bank.fetch(index)  # (B, 128): m_I
-            bank_neg = bank.negatives(neg_rows)  # m_I': rows and ids, never a (B, K, 128) copy where avoidable
-            if need_log_z:
-                with torch.no_grad():
-                    pos = (f_img * bank_pos).sum(-1)
-                    neg = negative_similarities(f_img.unsqueeze(0), bank_neg)[0]
-                    log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
-                need_log_z = False
-            with record_function("loss"):
-                losses = pirl_loss(
-                    bank_pos, g_jig, f_img, bank_neg,
-                    lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
-                    log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
-                )
-            # This rank's share of the global batch (host numbers: no communication); 1 on one process.
-            share = len(batch["index"]) / loader.global_batch_size(step_in_epoch)
-            with record_function("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(losses["loss"] * (share * accelerator.num_processes))
-            with record_function("optimizer"):
-                optimizer.step()
-                scheduler.step()
-            with record_function("bank_update"):
-                rows, feats = gather_rows(accelerator, index, f_img.detach(), loader.max_batch_size)
-                bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+                order = patch_orders(cfg.run.seed, global_step, batch["index"], net_patches)
+                order = order.to(device, non_blocking=True)
+                with autocast:
+                    f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm
+                f_img, g_jig = f_img.float(), g_jig.float()
+                with record_function("negatives_draw"):
+                    # A function of (seed, step, global index), or for a shared draw of the global batch: the same
+                    # negatives whatever the rank or the process count.
+                    shared = cfg.loss.shared_negatives
+                    exclude = global_index(accelerator, index, loader.max_batch_size) if shared else None
+                    neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=shared,
+                                                   seed=cfg.run.seed, step=global_step, exclude=exclude)
+                bank_pos = bank.fetch(index)  # (B, 128): m_I
+                bank_neg = bank.negatives(neg_rows)  # m_I': rows and ids, never a (B, K, 128) copy where avoidable
+                if need_log_z:
+                    with torch.no_grad():
+                        pos = (f_img * bank_pos).sum(-1)
+                        neg = negative_similarities(f_img.unsqueeze(0), bank_neg)[0]
+                        log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
+                    need_log_z = False
+                with record_function("loss"):
+                    losses = pirl_loss(
+                        bank_pos, g_jig, f_img, bank_neg,
+                        lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
+                        log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
+                    )
+                # This rank's share of the global batch (host numbers: no communication); 1 on one process.
+                share = len(batch["index"]) / loader.global_batch_size(step_in_epoch)
+                with record_function("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(losses["loss"] * (share * accelerator.num_processes))
+                with record_function("optimizer"):
+                    optimizer.step()
+                    scheduler.step()
+                with record_function("bank_update"):
+                    rows, feats = gather_rows(accelerator, index, f_img.detach(), loader.max_batch_size)
+                    bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
 
-            global_step += 1
-            step_in_epoch += 1
-            window_steps += 1
-            for key in window:
-                window[key] += losses[key].detach().mean() * share  # summed over ranks: the global mean
-            if global_step % cfg.run.log_every == 0 or global_step == last_step:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": global_step, "epoch": epoch}
-                sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]),
-                                          "sum")
-                record.update({k: float(v) / window_steps for k, v in zip(window, sums.tolist())})
-                record["lr"] = scheduler.get_last_lr()[0]
-                record["img_per_s"] = window_steps * global_batch / elapsed
-                record["data_wait_frac"] = data_wait / elapsed
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {global_step}")
-                if run_log is not None:
-                    run_log.write(record)
-                progress.set_postfix(
-                    loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                    data_wait=f"{100 * record['data_wait_frac']:.0f}%",
-                )
-                window = {k: 0.0 for k in window}
-                window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
-            progress.update(1)
-            if profiler is not None:
-                profiler.step()
-            if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
-                save(global_step)
+                global_step += 1
+                step_in_epoch += 1
+                window_steps += 1
+                for key in window:
+                    window[key] += losses[key].detach().mean() * share  # summed over ranks: the global mean
+                if global_step % cfg.run.log_every == 0 or global_step == last_step:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": global_step, "epoch": epoch}
+                    sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]),
+                                              "sum")
+                    record.update({k: float(v) / window_steps for k, v in zip(window, sums.tolist())})
+                    record["lr"] = scheduler.get_last_lr()[0]
+                    record["img_per_s"] = window_steps * global_batch / elapsed
+                    record["data_wait_frac"] = data_wait / elapsed
+                    if not math.isfinite(record["loss"]):
+                        raise FloatingPointError(f"non-finite loss {record['loss']} at step {global_step}")
+                    if run_log is not None:
+                        run_log.write(record)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
+                        data_wait=f"{100 * record['data_wait_frac']:.0f}%",
+                    )
+                    window = {k: 0.0 for k in window}
+                    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+                progress.update(1)
+                if profiler is not None:
+                    profiler.step()
+                if stop.requested(accelerator, log_step=global_step % cfg.run.log_every == 0):
+                    stopping = True
+                    break
+                if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
+                    save(global_step)
+    finally:
+        stop.restore()
     save(global_step)
     progress.close()
     if run_log is not None:
         run_log.close()
-    accelerator.print(f"done: step {global_step}, checkpoint {checkpoint.checkpoint_path(out_dir, global_step)}")
+    if stopping:
+        accelerator.print(f"stopped on {stop.signal_name or 'SIGTERM'} after step {global_step}: checkpoint "
+                          f"{checkpoint.checkpoint_path(out_dir, global_step)} written; continue with --resume")
+    else:
+        accelerator.print(f"done: step {global_step}, checkpoint {checkpoint.checkpoint_path(out_dir, global_step)}")
     accelerator.end_training()
     return record
 
