@@ -78,6 +78,34 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the steps, the terms and the last checkpoint."""
+
+    def __init__(self, terms: dict, first: int, last: int, out_dir: Path):
+        bad = ", ".join(f"{k} = {float(v):g}" for k, v in terms.items()
+                        if k.startswith("loss") and not math.isfinite(float(v)))
+        steps = f"step {last}" if first >= last else f"steps {first}-{last}"
+        latest = checkpoint.latest_checkpoint(out_dir)
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite loss in {steps} ({bad}; the forward pass and the loss, before the optimiser step): "
+            f"training stopped; {kept}. Lower optim.lr, or try run.bf16=false"
+        )
+
+
+def window_sums(accelerator: Accelerator, window: dict, device: torch.device) -> dict[str, float]:
+    """The log window's per-term sums over every rank (one all-reduce and one host sync)."""
+    sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]), "sum")
+    return dict(zip(window, sums.tolist()))
+
+
+def check_finite(sums: dict[str, float], first: int, last: int, out_dir: Path) -> None:
+    """Raise NonFiniteLoss when a term of the steps first..last was not finite. Every rank sees the same sums
+    (window_sums), so every rank stops; called before every checkpoint too, so none holds NaN weights."""
+    if not all(math.isfinite(v) for v in sums.values()):
+        raise NonFiniteLoss(sums, first, last, out_dir)
+
+
 def patch_orders(seed: int, step: int, index: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(B, num_patches) permutations for the jigsaw head, a function of (seed, step, global index): the same for
     a sample whichever rank or batch holds it (argsort of counter-based uniforms is a uniform permutation)."""
@@ -297,14 +325,12 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 if global_step % cfg.run.log_every == 0 or global_step == last_step:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": global_step, "epoch": epoch}
-                    sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]),
-                                              "sum")
-                    record.update({k: float(v) / window_steps for k, v in zip(window, sums.tolist())})
+                    sums = window_sums(accelerator, window, device)
+                    check_finite(sums, global_step - window_steps + 1, global_step, out_dir)
+                    record.update({k: v / window_steps for k, v in sums.items()})
                     record["lr"] = scheduler.get_last_lr()[0]
                     record["img_per_s"] = window_steps * global_batch / elapsed
                     record["data_wait_frac"] = data_wait / elapsed
-                    if not math.isfinite(record["loss"]):
-                        raise FloatingPointError(f"non-finite loss {record['loss']} at step {global_step}")
                     if run_log is not None:
                         run_log.write(record)
                     progress.set_postfix(
@@ -320,9 +346,12 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     stopping = True
                     break
                 if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
+                    check_finite(window_sums(accelerator, window, device), global_step - window_steps + 1,
+                                 global_step, out_dir)  # never a checkpoint of NaN weights
                     save(global_step)
     finally:
         stop.restore()
+    check_finite(window_sums(accelerator, window, device), global_step - window_steps + 1, global_step, out_dir)
     save(global_step)
     progress.close()
     if run_log is not None:

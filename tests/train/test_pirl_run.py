@@ -124,3 +124,16 @@ def test_unknown_augment_kernels_is_a_config_error(synthetic_shards, tmp_path):
 def test_bad_backend_settings_are_config_errors(synthetic_shards, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         pirl.main([*tiny_overrides(synthetic_shards, tmp_path), override])
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(synthetic_shards, tmp_path):
+    # An absurd learning rate turns the weights into inf/NaN after a few updates; logs every 3 steps,
+    # checkpoints every step: the check before each checkpoint must catch the NaN between log steps.
+    args = [*tiny_overrides(synthetic_shards, tmp_path), "--optim.lr=1e30", "--optim.final_lr=1e30",
+            "--run.log_every=3", "--run.ckpt_every=1"]
+    with pytest.raises(pirl.NonFiniteLoss, match=r"non-finite loss in step.*loss.*last good checkpoint is .*step_"):
+        pirl.main(args)
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    state = checkpoint.load(latest)  # intact and loadable
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert torch.isfinite(state["bank"]["rows"]).all()
