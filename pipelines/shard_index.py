@@ -15,6 +15,7 @@ The DALI index format (`wds2idx`, format "v1.2"): a header line "v1.2 <num_sampl
 sample with four fields per tar member: "<ext> <data offset> <size> <member name>".
 """
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -230,6 +231,10 @@ def build_sample_table(shard_dir: str | os.PathLike) -> SampleTable:
         for p in (tar_path, idx_path):
             if not p.is_file():
                 raise ShardIndexError(f"{p}: listed in {manifest_path} but missing")
+        size = tar_path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise ShardIndexError(f"{tar_path}: {size} bytes, {manifest_path} says {shard['bytes']}: truncated or "
+                                  "altered since it was written; copy it again or re-make the shards")
         if shard["first_idx"] != row:
             raise ShardIndexError(
                 f"{manifest_path}: shards[{shard_id}] first_idx={shard['first_idx']}, expected {row} "
@@ -256,6 +261,37 @@ def build_sample_table(shard_dir: str | os.PathLike) -> SampleTable:
         labelled=labelled,
         **narrow,
     )
+
+
+def data_files(shard_dir: str | os.PathLike) -> list[tuple[Path, int, str]]:
+    """(path, bytes, sha256) of every data file a manifest lists: the tar shards, or a .beton."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    if manifest.get("format") == "beton":
+        beton = manifest["beton"]
+        return [(shard_dir / beton["file"], int(beton["bytes"]), beton["sha256"])]
+    return [(shard_dir / s["file"], int(s["bytes"]), s["sha256"]) for s in manifest["shards"]]
+
+
+def verify_checksums(shard_dir: str | os.PathLike, progress=None) -> None:
+    """Hash every data file against its manifest's sha256 (reads every byte: seconds per GB); raise
+    ShardIndexError naming the first file that is missing, of another size or altered. `progress`: a callable
+    taking the byte count read so far, e.g. a tqdm bar's update."""
+    for path, size, digest in data_files(shard_dir):
+        if not path.is_file():
+            raise ShardIndexError(f"{path}: listed in {Path(shard_dir) / MANIFEST_NAME} but missing")
+        if path.stat().st_size != size:
+            raise ShardIndexError(f"{path}: {path.stat().st_size} bytes, the manifest says {size}: truncated or "
+                                  "altered")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+                if progress is not None:
+                    progress(len(block))
+        if h.hexdigest() != digest:
+            raise ShardIndexError(f"{path}: sha256 {h.hexdigest()} differs from the manifest's {digest}: the file was "
+                                  "altered since it was written; copy it again or re-make the shards")
 
 
 @dataclass

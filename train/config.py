@@ -28,6 +28,8 @@ class DataConfig:
     augment_kernels: str = "auto"  # batched stage: auto (numba on CPU, tensor ops elsewhere), numba, tensor, compiled
     recipe: PirlRecipe = field(default_factory=PirlRecipe)
     dali: DaliOptions = field(default_factory=DaliOptions)  # backend=dali only: decode device, queue depths
+    # hash every shard (or the .beton) against manifest.json's sha256 before training; sizes are always checked
+    verify_sha256: bool = False
     # backend=ffcv only: read the .beton through the OS page cache (shared by a node's ranks); false: FFCV's own
     ffcv_os_cache: bool = True
 

@@ -24,6 +24,7 @@ from model.pirl import PIRLNet
 from model.sync_batchnorm import convert_sync_batchnorm
 from pipelines.augment import KERNEL_CHOICES, BatchAugment
 from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
+from pipelines.shard_index import data_files, verify_checksums
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from train.preemption import StopOnSigterm
@@ -106,6 +107,16 @@ def check_finite(sums: dict[str, float], first: int, last: int, out_dir: Path) -
         raise NonFiniteLoss(sums, first, last, out_dir)
 
 
+def verify_data(shard_dir: str, accelerator: Accelerator) -> None:
+    """data.verify_sha256: every data file against its manifest's sha256, before anything trains (each node
+    reads its own copy, so each node's local rank 0 checks it)."""
+    if accelerator.is_local_main_process:
+        files = data_files(shard_dir)
+        with tqdm(total=sum(size for _, size, _ in files), unit="B", unit_scale=True, desc="sha256") as bar:
+            verify_checksums(shard_dir, progress=bar.update)
+    accelerator.wait_for_everyone()
+
+
 def patch_orders(seed: int, step: int, index: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(B, num_patches) permutations for the jigsaw head, a function of (seed, step, global index): the same for
     a sample whichever rank or batch holds it (argsort of counter-based uniforms is a uniform permutation)."""
@@ -160,6 +171,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     out_dir = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed)  # same on every rank: identical initial weights and bank
 
+    if cfg.data.verify_sha256:
+        verify_data(cfg.data.shards, accelerator)
     loader = build_loader(cfg, accelerator)
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch

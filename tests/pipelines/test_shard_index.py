@@ -78,9 +78,15 @@ def test_index_of_another_shard_is_caught(shard_copy):
         build_sample_table(shard_copy)
 
 
-def test_truncated_tar_is_caught_as_a_stale_index(shard_copy):
+def test_truncated_tar_is_caught_by_its_size_and_as_a_stale_index(shard_copy):
     tar = shard_copy / "shard-000004.tar"
     tar.write_bytes(tar.read_bytes()[:2048])
+    with pytest.raises(ShardIndexError, match="shard-000004.tar: 2048 bytes, .*manifest.json says .*truncated"):
+        build_sample_table(shard_copy)
+    # A manifest rewritten for the short file (but not its index) is still caught, by the index.
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["shards"][4]["bytes"] = 2048
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardIndexError, match="shard-000004.idx:.*past the end of .*shard-000004.tar"):
         build_sample_table(shard_copy)
 
