@@ -258,6 +258,31 @@ def test_verify_accepts_a_good_folder_and_catches_tampering(built, tmp_path):
     assert any("stale temporary file" in p for p in tampered(lambda f: (f / "x.tar.tmp").write_bytes(b"")))
 
 
+@pytest.mark.parametrize("evil", ["../escape.jpg", "/etc/passwd", "a/../../b.jpg"])
+def test_verify_refuses_member_names_that_point_outside(built, tmp_path, evil):
+    """A shard whose tar has a member named like a path outside any folder: reported, never read, never followed
+    (shards are only ever read, and member names never become paths)."""
+    import io
+    import tarfile
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built[0], copy)
+    path = copy / "shard-000000.tar"
+    data = path.read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as src, tarfile.open(fileobj=buf, mode="w:") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member))
+        bad = tarfile.TarInfo(evil)
+        bad.size = 3
+        dst.addfile(bad, io.BytesIO(b"bad"))
+    path.write_bytes(buf.getvalue())
+    report = verify_shards(copy)
+    assert not report.ok
+    assert any(f"unsafe member name {evil!r}" in p for p in report.problems), report.problems
+    assert not (tmp_path / "escape.jpg").exists() and not (copy.parent / "b.jpg").exists()
+
+
 def test_cli_summary_refusal_and_verify(tree, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--input", str(tree[0]), "--output", str(out), "--workers", "0", "--no-progress"]) == 0

@@ -91,6 +91,9 @@ def _verify_shard(
             reader = _HashingReader(raw, digest)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
+                    if unsafe_member_name(member.name):  # reported, never read, never used as a path
+                        problems.append(f"{name}: unsafe member name {member.name!r} (absolute or with '..'): refused")
+                        continue
                     if not member.isfile():
                         problems.append(f"{name}: member {member.name} is not a regular file")
                         continue
@@ -115,6 +118,12 @@ def _verify_shard(
         _verify_sample(name, sample, first_idx + offset, wanted, num_classes, problems)
     _verify_index(idx_path, samples, problems)
     return len(samples)
+
+
+def unsafe_member_name(member_name: str) -> bool:
+    """A tar member name that would point outside a folder if anything used it as a path."""
+    parts = member_name.replace("\\", "/").split("/")
+    return member_name.startswith(("/", "\\")) or ".." in parts or (len(member_name) > 1 and member_name[1] == ":")
 
 
 class _HashingReader:
