@@ -34,10 +34,18 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary name in the same folder, fsync, then rename: a crash leaves the old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as exc:  # a full disk, a quota, an interrupt: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            previous = latest_checkpoint(path.parent.parent)
+            kept = f"{previous} stays the latest" if previous else "no earlier checkpoint"
+            raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}") from exc
+        raise
     os.replace(tmp, path)
 
 

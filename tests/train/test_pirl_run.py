@@ -137,3 +137,22 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(syn
     state = checkpoint.load(latest)  # intact and loadable
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert torch.isfinite(state["bank"]["rows"]).all()
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    first = checkpoint.checkpoint_path(tmp_path, 3)
+    checkpoint.save_atomic({"step": 3, "w": torch.ones(4)}, first)
+
+    def disk_full(obj, fh):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    second = checkpoint.checkpoint_path(tmp_path, 6)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*step_000000006.pt: No space left.*step_000000003.pt"):
+        checkpoint.save_atomic({"step": 6}, second)
+    assert not second.exists() and not list(second.parent.glob("*.tmp"))  # nothing partial left to be taken
+    assert checkpoint.latest_checkpoint(tmp_path) == first
+    assert checkpoint.load(first)["step"] == 3
