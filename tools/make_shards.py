@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputNotEmptyError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or vanished output: say so; no manifest claims anything
+        print(f"make_shards: error: cannot write {args.output}: {e.strerror or e} ({e.filename or 'output'}); "
+              "no manifest.json was written, so the folder is not taken for shards; free space or choose another "
+              "--output, empty it, and run again", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - start
     for reason, count in manifest["skipped_by_reason"].items():
         print(f"  skipped {count}: {reason}", file=sys.stderr)

@@ -301,3 +301,27 @@ def test_script_help_runs_from_the_command_line():
     script = Path(__file__).parents[2] / "tools" / "make_shards.py"
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
     assert "REFUSES" in result.stdout and "EXIF orientation" in result.stdout
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_manifest(tree, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from tools.sharding import shard_writer
+
+    writes = {"n": 0}
+    real_write = shard_writer._HashingFile.write
+
+    def fill_up(self, data):
+        writes["n"] += 1
+        if writes["n"] > 20:  # the disk fills up part-way through the first shard
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._f.name))
+        return real_write(self, data)
+
+    monkeypatch.setattr(shard_writer._HashingFile, "write", fill_up)
+    out = tmp_path / "out"
+    root, _ = tree
+    assert main(["--input", str(root), "--output", str(out), "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: No space left on device" in err and "no manifest.json was written" in err
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp"))  # the shard in progress is removed
