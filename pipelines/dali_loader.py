@@ -112,7 +112,7 @@ class SampleSource:
             height, width, _ = jpeg_header(raw.jpg)
         except ValueError as err:
             shard = self.reader.table.tar_paths[int(self.reader.table.shard[i])]
-            raise RuntimeError(f"{shard}: cannot read the JPEG header of sample {i:09d}: {err}") from err
+            raise RuntimeError(f"{shard}: sample {i:09d}: {err}") from err
         if self.mode == "eval":
             out.update(self._eval_geometry(height, width))
         else:

@@ -54,7 +54,7 @@ from pipelines.geometry import dct_reduction, draw_sample_geometry
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_SAMPLE, generator_for
 from pipelines.shard_index import MANIFEST_NAME, read_manifest
-from pipelines.views import eval_size
+from pipelines.views import check_pixels, eval_size
 
 _threads = torch.get_num_threads(), numba.get_num_threads()  # importing ffcv sets both to 1 (Compiler)
 try:
@@ -391,6 +391,10 @@ class _CutViews(Operation):
         geometry = [] if self.with_geometry else None
         for j in range(n):
             height, width, stored_jpeg = int(located[j, 2]), int(located[j, 3]), located[j, 4] == MODE_JPG
+            try:
+                check_pixels(height, width)
+            except ValueError as err:
+                raise ValueError(f"sample {int(index[j]):09d}: {err}") from None
             if self.kind == KIND_EVAL:
                 self._plan_eval(plan[j], height, width, stored_jpeg)
                 continue

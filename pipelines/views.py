@@ -32,9 +32,23 @@ from pipelines.recipe import PirlRecipe
 _SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
 
+# The most pixels a loader decodes: Pillow's decompression-bomb limit, tools/make_shards.py's default --max-pixels.
+# make_shards refuses larger images; a loader checks again, since shards can come from elsewhere or be altered.
+MAX_DECODE_PIXELS = 89_478_485
+
+
+def check_pixels(height: int, width: int) -> None:
+    """ValueError for an image whose header claims more than MAX_DECODE_PIXELS (checked before decoding)."""
+    if height * width > MAX_DECODE_PIXELS:
+        raise ValueError(f"its header claims {width}x{height} = {height * width:,} pixels, more than "
+                         f"{MAX_DECODE_PIXELS:,}: refused as a decompression bomb")
+
+
 def jpeg_header(jpg) -> tuple[int, int, str]:
-    """(height, width, colour space) from the JPEG header, without decoding pixels."""
+    """(height, width, colour space) from the JPEG header, without decoding pixels; ValueError past the
+    decompression-bomb limit (check_pixels)."""
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(jpg)
+    check_pixels(height, width)
     return height, width, colorspace
 
 
