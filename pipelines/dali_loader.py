@@ -232,7 +232,7 @@ class DaliLoader(EpochLoader):
         if self._pipe is None or self._next != (self.epoch, self.start_step):
             self._build()
         self._next = None  # until this epoch is read to its end
-        epoch, steps = self.epoch, len(self.batches())
+        epoch, steps = self.epoch, len(self) - self.start_step
         for _ in range(steps):
             yield self._to_batch(self._pipe.run())
         try:

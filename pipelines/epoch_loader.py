@@ -90,10 +90,9 @@ class EpochLoader:
         """Start the current epoch `steps` batches later."""
         self.set_epoch(self.epoch, self.start_step + steps)
 
-    def batches(self, epoch: int | None = None, start_step: int | None = None) -> list[np.ndarray]:
-        """This rank's batches of global indexes for an epoch (default: the current one) from a start step."""
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of global indexes for the current epoch, from its start step."""
         return epoch_batches(
             self.table.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
-            seed=self.seed, epoch=self.epoch if epoch is None else epoch, shuffle=self.mode == "pretrain",
-            start_step=self.start_step if start_step is None else start_step,
+            seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,
         )

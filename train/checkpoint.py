@@ -59,23 +59,22 @@ def load(path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
 
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Python, NumPy, torch and the named generators' states as tensors and plain lists (weights_only-safe)."""
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain lists (weights_only-safe). The step's own draws
+    (patch orders, negatives) are counter-based on (seed, step, sample) and need no saved stream."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
         "torch": torch.get_rng_state(),
-        "generators": {name: g.get_state() for name, g in generators.items()},
     }
 
 
-def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo rng_state(); a "generators" entry of older checkpoints (per-rank streams, now unused) is ignored."""
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
-    for name, g in generators.items():
-        g.set_state(state["generators"][name])

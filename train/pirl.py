@@ -179,7 +179,6 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     global_batch = cfg.data.batch_size * accelerator.num_processes
 
     augment = build_augment(cfg)
-    net_patches = cfg.data.recipe.view_tiles
     net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.view_tiles)
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         net = convert_sync_batchnorm(net, device)
@@ -195,8 +194,6 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, final_ratio)
     )
-    # Every draw of the step is counter-based (seed, step, global index): no generator state to carry.
-    generators: dict[str, torch.Generator] = {}
     log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
 
     global_step = 0
@@ -222,8 +219,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         log_z = state["log_z"]
         global_step = state["step"]
-        saved_streams = state["rng"]["generators"]  # older checkpoints also hold per-rank streams, now unused
-        checkpoint.restore_rng_state(state["rng"], {k: g for k, g in generators.items() if k in saved_streams})
+        checkpoint.restore_rng_state(state["rng"])
         accelerator.print(f"resumed from {path} at step {global_step}")
     elif cfg.loss.bank_init == "features":
         init_bank_from_features(net.to(device), bank, cfg, accelerator)
@@ -252,7 +248,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 "world_size": accelerator.num_processes,
                 "global_batch": global_batch,
                 "num_samples": loader.num_samples,
-                "rng": checkpoint.rng_state(generators),
+                "rng": checkpoint.rng_state(),
                 "config": to_dict(cfg),
             }
             checkpoint.save_atomic(state, checkpoint.checkpoint_path(out_dir, step))
@@ -292,7 +288,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     if cfg.run.channels_last:
                         image = image.contiguous(memory_format=torch.channels_last)
 
-                order = patch_orders(cfg.run.seed, global_step, batch["index"], net_patches)
+                order = patch_orders(cfg.run.seed, global_step, batch["index"], cfg.data.recipe.view_tiles)
                 order = order.to(device, non_blocking=True)
                 with autocast:
                     f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm

@@ -32,7 +32,7 @@ def gather_rows(accelerator: Accelerator, index: torch.Tensor, feats: torch.Tens
     """
     if accelerator.num_processes == 1:
         return index, feats
-    return accelerator.gather(pad_to(index, size, -1)), accelerator.gather(pad_to(feats, size, 0))
+    return global_index(accelerator, index, size), accelerator.gather(pad_to(feats, size, 0))
 
 
 def global_index(accelerator: Accelerator, index: torch.Tensor, size: int) -> torch.Tensor:
