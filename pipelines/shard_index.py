@@ -273,6 +273,17 @@ def data_files(shard_dir: str | os.PathLike) -> list[tuple[Path, int, str]]:
     return [(shard_dir / s["file"], int(s["bytes"]), s["sha256"]) for s in manifest["shards"]]
 
 
+def file_sha256(path: str | os.PathLike, progress=None) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks; `progress` (optional) is called with each block's size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            if progress is not None:
+                progress(len(block))
+    return h.hexdigest()
+
+
 def verify_checksums(shard_dir: str | os.PathLike, progress=None) -> None:
     """Hash every data file against its manifest's sha256 (reads every byte: seconds per GB); raise
     ShardIndexError naming the first file that is missing, of another size or altered. `progress`: a callable
@@ -283,14 +294,9 @@ def verify_checksums(shard_dir: str | os.PathLike, progress=None) -> None:
         if path.stat().st_size != size:
             raise ShardIndexError(f"{path}: {path.stat().st_size} bytes, the manifest says {size}: truncated or "
                                   "altered")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-                if progress is not None:
-                    progress(len(block))
-        if h.hexdigest() != digest:
-            raise ShardIndexError(f"{path}: sha256 {h.hexdigest()} differs from the manifest's {digest}: the file was "
+        actual = file_sha256(path, progress)
+        if actual != digest:
+            raise ShardIndexError(f"{path}: sha256 {actual} differs from the manifest's {digest}: the file was "
                                   "altered since it was written; copy it again or re-make the shards")
 
 

@@ -24,17 +24,13 @@ from torchvision.transforms.v2 import functional as F
 
 from pipelines import batch as B
 from pipelines.geometry import SampleGeometry, cut_patches, dct_reduction, draw_sample_geometry
+from pipelines.limits import MAX_DECODE_PIXELS
 from pipelines.recipe import PirlRecipe
 
 
 # JPEG colour spaces simplejpeg converts to RGB correctly. It also "decodes" CMYK and YCCK without an error,
 # but not as torchvision and Pillow do (Adobe's inverted CMYK): those go through torchvision.
 _SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
-
-
-# The most pixels a loader decodes: Pillow's decompression-bomb limit, tools/make_shards.py's default --max-pixels.
-# make_shards refuses larger images; a loader checks again, since shards can come from elsewhere or be altered.
-MAX_DECODE_PIXELS = 89_478_485
 
 
 def check_pixels(height: int, width: int) -> None:

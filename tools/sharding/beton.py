@@ -24,7 +24,6 @@ the writer's processes claim pages (with more than one worker); its samples do n
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from pipelines.shard_index import file_sha256
 from tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
 from tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
 from tools.sharding.image_check import DEFAULT_MAX_PIXELS
@@ -99,7 +99,7 @@ def build_beton(
             raise ValueError(f"--input {src}: the shards fail verification ({len(report.problems)} problems), "
                              f"e.g. {report.problems[0]}")
         source = {"kind": "webdataset", "path": str(src.resolve()),
-                  "manifest_sha256": _sha256(src / MANIFEST_NAME)}  # the FFCV loader checks a DIR-beton with it
+                  "manifest_sha256": file_sha256(src / MANIFEST_NAME)}  # the FFCV loader checks a DIR-beton with it
         return _convert(src, out, source_manifest, source, workers=workers,
                         compress_probability=compress_probability)
     tmp = out / TMP_SHARDS
@@ -150,7 +150,7 @@ def _convert(shard_dir: Path, out: Path, shard_manifest: dict, source: dict, *, 
         if errors.exists():
             lines = errors.read_text().splitlines()
             raise ValueError(f"{shard_dir}: {len(lines)} sample(s) could not be converted, e.g. {lines[0]}")
-        digest, size = _sha256(beton_tmp), beton_tmp.stat().st_size
+        digest, size = file_sha256(beton_tmp), beton_tmp.stat().st_size
         os.replace(beton_tmp, out / BETON_NAME)
     except BaseException:
         beton_tmp.unlink(missing_ok=True)
@@ -258,14 +258,6 @@ class _quiet_writer:
         ffcv.writer.tqdm = self._saved
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------- reading back
 
 
@@ -333,7 +325,7 @@ def verify_beton(shard_dir: str | os.PathLike) -> VerifyReport:
         return report
     if path.stat().st_size != info.get("bytes"):
         problems.append(f"{path.name}: {path.stat().st_size} bytes, manifest says {info.get('bytes')}")
-    if _sha256(path) != info.get("sha256"):
+    if file_sha256(path) != info.get("sha256"):
         problems.append(f"{path.name}: sha256 differs from the manifest's: the file was changed after it was written")
     try:
         _import_ffcv()

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipelines.limits import MAX_DECODE_PIXELS
+
 # Re-encoding quality: at 95, Pillow's re-encode of a photo is visually lossless; only the few non-JPEG or
 # odd-mode files of a dataset pay the larger size.
 JPEG_QUALITY = 95
 
-# Pillow's own default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3): ~256 MiB of decoded RGB per worker.
-# Far above real photos (the largest in ../shared/data/imagenet-sample is 2400x1600 = 3.8 MP) and far below
-# what a forged header can claim (gigapixels).
-DEFAULT_MAX_PIXELS = 89_478_485
+# --max-pixels' default: the loaders' own bound (pipelines/limits.py), so no kept image is refused at load time.
+DEFAULT_MAX_PIXELS = MAX_DECODE_PIXELS
 
 EXIF_ORIENTATION_TAG = 0x0112  # TIFF/EXIF tag "Orientation"; 1 = upright, 2..8 = flips and rotations
 # Values outside 1..8 (ImageNet has a file tagged 0) are ignored by every decoder: DALI 2.4 decodes
