@@ -28,6 +28,7 @@ from pipelines import batch as B
 from pipelines.dali_options import DaliOptions
 from pipelines.epoch_loader import EpochLoader, check_loader_args
 from pipelines.geometry import draw_sample_geometry
+from pipelines.jpeg_check import jpeg_problem
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_SAMPLE, generator_for
 from pipelines.sampler import epoch_batches
@@ -100,19 +101,30 @@ class SampleSource:
         epoch, batches = self.epoch_plan(info.epoch_idx)
         if info.iteration >= len(batches):
             raise StopIteration
-        rows = [self.sample(epoch, int(i), position) for position, i in enumerate(batches[info.iteration])]
+        rows = []
+        for i in batches[info.iteration]:
+            raw = self.reader.read(int(i))
+            # DALI's decoder would stop the pipeline on some corrupt JPEGs and silently decode others (a lost
+            # tail): a corrupt sample is left out here, and the batch is one shorter (EpochLoader counts it).
+            row = self.sample(epoch, raw, position=len(rows)) if jpeg_problem(raw.jpg) is None else None
+            if row is not None:
+                rows.append(row)
+        if not rows:
+            step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
+            raise RuntimeError(f"step {step} of epoch {epoch} on rank {self.rank}: every sample is corrupt")
         return tuple([row[name] for row in rows] for name in self.names)
 
-    def sample(self, epoch: int, i: int, position: int) -> dict[str, np.ndarray]:
-        raw = self.reader.read(i)
+    def sample(self, epoch: int, raw, position: int) -> dict[str, np.ndarray] | None:
+        """One sample's outputs (None where libjpeg-turbo cannot read its header); `position` is its row in the
+        batch DALI receives."""
+        try:
+            height, width, _ = jpeg_header(raw.jpg)
+        except ValueError:
+            return None
         out = {"jpg": np.frombuffer(raw.jpg, dtype=np.uint8), B.INDEX: np.array(raw.index, dtype=np.int64)}
         if raw.label is not None:
             out[B.LABEL] = np.array(raw.label, dtype=np.int64)
-        try:
-            height, width, _ = jpeg_header(raw.jpg)
-        except ValueError as err:
-            shard = self.reader.table.tar_paths[int(self.reader.table.shard[i])]
-            raise RuntimeError(f"{shard}: sample {i:09d}: {err}") from err
+        i = raw.index
         if self.mode == "eval":
             out.update(self._eval_geometry(height, width))
         else:
@@ -228,7 +240,7 @@ class DaliLoader(EpochLoader):
         pipe.build()
         self._pipe = pipe
 
-    def __iter__(self):
+    def _iterate(self, batches):
         if self._pipe is None or self._next != (self.epoch, self.start_step):
             self._build()
         self._next = None  # until this epoch is read to its end

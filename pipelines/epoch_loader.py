@@ -3,14 +3,30 @@
 The order comes from pipelines/sampler.py and nothing else, so every backend keeps the same guarantees: each
 sample exactly once per epoch over all ranks, the same number of steps on every rank, a full shuffle, and an
 exact resume from any step (set_epoch(epoch, start_step)). Backends differ only in how they cut the views.
+
+Corrupt samples: every backend leaves out of its batch a sample whose JPEG fails pipelines/jpeg_check.py or its
+decoder. Nothing fills the hole: that batch is one sample shorter, and every rank still takes the same steps.
+EpochLoader notices the gap against the sampler's order, names the sample, counts it and stops the epoch with
+CorruptSamples past max_skipped_per_epoch.
 """
+
+import sys
 
 import numpy as np
 
 from pipelines import batch as B
+from pipelines.jpeg_check import jpeg_problem
 from pipelines.recipe import PirlRecipe
 from pipelines.sampler import epoch_batches, rank_sample_count, steps_per_epoch
-from pipelines.shard_index import SampleTable
+from pipelines.shard_index import SampleTable, ShardReader
+
+# Corrupt samples one rank may skip in an epoch before the loader stops (data.max_skipped_per_epoch): a few
+# bad files are normal in web-scale sets; thousands mean damaged shards, better fixed than trained around.
+DEFAULT_MAX_SKIPPED = 100
+
+
+class CorruptSamples(RuntimeError):
+    """More corrupt samples in one epoch than the loader's max_skipped_per_epoch; names the last one."""
 
 
 def check_loader_args(recipe, *, mode: str, with_geometry: bool, num_workers: int, seed: int) -> None:
@@ -31,8 +47,12 @@ def check_loader_args(recipe, *, mode: str, with_geometry: bool, num_workers: in
 class EpochLoader:
     """One rank's view of the epochs. len() = steps per epoch, the same on every rank; iterate after set_epoch().
 
-    Subclasses implement __iter__ over self.batches().
+    Subclasses implement _iterate(batches): the loader batches of `batches` (self.batches()), in order, each
+    without the samples that turned out corrupt. `skipped` lists the global indexes skipped so far in the
+    current iteration (this rank, this epoch from its start step); `batch_skipped` those of the last batch.
     """
+
+    max_skipped_per_epoch = DEFAULT_MAX_SKIPPED
 
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, batch_size: int, num_workers: int, rank: int,
                  world_size: int, seed: int, mode: str, with_geometry: bool):
@@ -49,6 +69,9 @@ class EpochLoader:
         self.rank_samples = rank_sample_count(table.num_samples, batch_size, world_size, rank)  # per epoch
         self.epoch = 0
         self.start_step = 0
+        self.skipped: list[int] = []
+        self.batch_skipped = 0
+        self._reader: ShardReader | None = None  # opened for a skipped sample's reason only
 
     @property
     def num_samples(self) -> int:
@@ -96,3 +119,42 @@ class EpochLoader:
             self.table.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
             seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,
         )
+
+    def __iter__(self):
+        batches = self.batches()
+        self.skipped, self.batch_skipped = [], 0
+        for offset, batch in enumerate(self._iterate(batches)):  # run to its end: backends finish epochs there
+            want, got = batches[offset], batch[B.INDEX]
+            self.batch_skipped = len(want) - len(got)
+            if self.batch_skipped:
+                self._count_skipped(self.start_step + offset, want, got.cpu().numpy())
+            yield batch
+
+    def _iterate(self, batches: list[np.ndarray]):
+        raise NotImplementedError
+
+    def _count_skipped(self, step: int, want: np.ndarray, got: np.ndarray) -> None:
+        for i in np.setdiff1d(want, got).tolist():
+            self.skipped.append(i)
+            where, why = self.sample_location(i), self.skip_reason(i)
+            if len(self.skipped) > self.max_skipped_per_epoch:
+                raise CorruptSamples(
+                    f"{where}: {why}: corrupt sample {len(self.skipped)} of epoch {self.epoch} on rank {self.rank}, "
+                    f"more than max_skipped_per_epoch = {self.max_skipped_per_epoch} (data.max_skipped_per_epoch): "
+                    "check the shards with tools/make_shards.py --verify, or remake them"
+                )
+            print(f"warning: skipped {where} ({why}): {len(self.skipped)} skipped in epoch {self.epoch} on rank "
+                  f"{self.rank}", file=sys.stderr, flush=True)
+        if len(got) == 0:
+            raise CorruptSamples(f"every sample of step {step} of epoch {self.epoch} on rank {self.rank} is corrupt "
+                                 f"(e.g. {self.sample_location(int(want[0]))}): no batch to train on")
+
+    def sample_location(self, i: int) -> str:
+        """Where sample i is stored, for messages: its shard and index."""
+        return f"{self.table.tar_paths[int(self.table.shard[i])]} sample {i:09d}"
+
+    def skip_reason(self, i: int) -> str:
+        """Why sample i was skipped: its bytes re-read and checked here (a worker's exception stays there)."""
+        if self._reader is None:
+            self._reader = ShardReader(self.table)
+        return jpeg_problem(self._reader.read(i).jpg) or "its JPEG could not be decoded"

@@ -51,6 +51,7 @@ from numba import types
 from pipelines import batch as B
 from pipelines.epoch_loader import EpochLoader, check_loader_args
 from pipelines.geometry import dct_reduction, draw_sample_geometry
+from pipelines.jpeg_check import jpeg_problem
 from pipelines.recipe import PirlRecipe
 from pipelines.rng import PURPOSE_SAMPLE, generator_for
 from pipelines.shard_index import MANIFEST_NAME, read_manifest
@@ -93,8 +94,8 @@ KIND_JIGSAW, KIND_ROTATION, KIND_EVAL = 0, 1, 2
 # Columns of the per-sample plan the kernel reads (int32): boxes are (top, left, height, width) in the decoded
 # image's pixels; for eval, IMAGE_BOX holds (resized height, resized width, crop top, crop left).
 SCALE, IMAGE_BOX, IMAGE_FLIP, JIGSAW_BOX, JIGSAW_FLIP, ORIGINS = 0, 1, 5, 6, 10, 11
-# Kernel status per sample.
-OK, DECODE_FAILED, RAW_SIZE = 0, 1, 2
+# Kernel status per sample: SKIP is set before the kernel runs (pipelines/jpeg_check.py found the JPEG corrupt).
+OK, DECODE_FAILED, RAW_SIZE, SKIP = 0, 1, 2, 3
 
 
 def make_loader(
@@ -224,8 +225,14 @@ class FfcvLoader(EpochLoader):
         self._ffcv.indices = order
         self._ffcv.traversal_order.indices = order  # SEQUENTIAL traversal returns these, in this order
 
-    def __iter__(self):
-        return self._batches(self.epoch, self.batches())
+    def _iterate(self, batches):
+        return self._batches(self.epoch, batches)
+
+    def sample_location(self, i: int) -> str:
+        return f"{self.beton} sample {i:09d}"
+
+    def skip_reason(self, i: int) -> str:
+        return self._views.skip_reasons.get(i, "its image could not be decoded")
 
     def _batches(self, epoch: int, batches: list[np.ndarray]):
         """Runs from the first next(): stops the loader's previous iteration, then starts FFCV's thread."""
@@ -240,13 +247,16 @@ class FfcvLoader(EpochLoader):
         try:
             for expected in batches:
                 parts = [self._next(epoch_iterator)]
-                while sum(len(p[B.INDEX]) for p in parts) < len(expected):  # a last batch of B + 1 comes as B, 1
+                while sum(len(v.index) + len(v.skipped) for v in parts) < len(expected):  # B + 1 comes as B, 1
                     parts.append(self._next(epoch_iterator))
-                batch = parts[0]
+                batch = parts[0].batch
                 if len(parts) > 1:
-                    batch = {k: torch.cat([p[k] for p in parts]) for k in batch}
+                    batch = {k: torch.cat([v.batch[k] for v in parts]) for k in batch}
                     if self.pin_memory:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
+                skipped = np.concatenate([v.skipped for v in parts])
+                if len(skipped):  # corrupt samples were left out (EpochLoader counts them)
+                    expected = expected[~np.isin(expected, skipped)]
                 if not torch.equal(batch[B.INDEX], torch.from_numpy(expected)):
                     raise RuntimeError(f"{self.beton}: FFCV delivered samples {batch[B.INDEX][:8].tolist()}..., "
                                        f"expected {expected[:8].tolist()}...")
@@ -255,9 +265,9 @@ class FfcvLoader(EpochLoader):
             if self._active is epoch_iterator:
                 self.close()
 
-    def _next(self, epoch_iterator) -> dict:
-        """The next FFCV batch as a loader-batch dict. Waits on FFCV's queue directly: its own __next__ waits
-        forever when its thread has died."""
+    def _next(self, epoch_iterator) -> _Views:
+        """The next FFCV batch, its views as a loader-batch dict. Waits on FFCV's queue directly: its own
+        __next__ waits forever when its thread has died."""
         if self._active is not epoch_iterator:
             raise RuntimeError("this iteration was stopped: a newer iteration of the same FFCV loader started")
         while True:
@@ -274,14 +284,15 @@ class FfcvLoader(EpochLoader):
         views = outputs[IMAGE_FIELD]
         if isinstance(views, _Failure):
             raise RuntimeError(f"{self.beton}: {views.message}")
-        if not np.array_equal(outputs[INDEX_FIELD][:, 0], views.index):
-            raise RuntimeError(f"{self.beton}: index field {outputs[INDEX_FIELD][:8, 0].tolist()}... differs from "
-                               f"the sample ids {views.index[:8].tolist()}...: not a .beton of tools/make_shards.py?")
+        stored = outputs[INDEX_FIELD][:, 0]
+        if not np.array_equal(stored, views.ids):
+            raise RuntimeError(f"{self.beton}: index field {stored[:8].tolist()}... differs from "
+                               f"the sample ids {views.ids[:8].tolist()}...: not a .beton of tools/make_shards.py?")
         batch = views.batch
         batch[B.INDEX] = torch.from_numpy(views.index)
-        if self.labelled:
-            batch[B.LABEL] = torch.from_numpy(outputs[LABEL_FIELD][:, 0].astype(np.int64))  # a copy: FFCV reuses it
-        return batch
+        if self.labelled:  # a copy: FFCV reuses its buffer
+            batch[B.LABEL] = torch.from_numpy(outputs[LABEL_FIELD][:, 0][views.kept].astype(np.int64))
+        return views
 
     def close(self) -> None:
         """Stop the running FFCV epoch iterator, if any, and wait for its thread."""
@@ -323,10 +334,12 @@ class _Failure:
 
 
 class _Views:
-    """_CutViews' output for one FFCV batch: the loader-batch views and the batch's global indexes."""
+    """_CutViews' output for one FFCV batch: the loader-batch views of its sound samples, their global indexes,
+    and the batch's sample ids and which were kept (the others were corrupt)."""
 
-    def __init__(self, batch: dict, index: np.ndarray):
-        self.batch, self.index = batch, index
+    def __init__(self, batch: dict, ids: np.ndarray, kept: np.ndarray):
+        self.batch, self.ids, self.kept = batch, ids, kept
+        self.index, self.skipped = ids[kept], ids[~kept]
 
 
 class _LocateImages(Operation):
@@ -367,6 +380,7 @@ class _CutViews(Operation):
         self.tiles = 0 if mode == "eval" else r.view_tiles
         self.tile_size = r.view_tile_size
         self.sample_bytes = 3 * (r.image_size ** 2 + self.tiles * self.tile_size ** 2)
+        self.skip_reasons: dict[int, str] = {}  # global index -> why it was skipped (read by the loader)
 
     def declare_state_and_memory(self, previous_state):
         # No FFCV buffer: every batch gets fresh arrays (FFCV's buffers are reused batches_ahead + 2 batches on).
@@ -389,12 +403,16 @@ class _CutViews(Operation):
         n, r = len(index), self.recipe
         plan = np.zeros((n, ORIGINS + 2 * max(self.tiles, 1)), dtype=np.int32)
         geometry = [] if self.with_geometry else None
+        status = np.zeros(n, dtype=np.int32)
         for j in range(n):
             height, width, stored_jpeg = int(located[j, 2]), int(located[j, 3]), located[j, 4] == MODE_JPG
-            try:
-                check_pixels(height, width)
-            except ValueError as err:
-                raise ValueError(f"sample {int(index[j]):09d}: {err}") from None
+            problem = self._problem(located[j], height, width, stored_jpeg)
+            if problem is not None:
+                status[j] = SKIP
+                self.skip_reasons[int(index[j])] = problem
+                if geometry is not None:
+                    geometry.append(None)
+                continue
             if self.kind == KIND_EVAL:
                 self._plan_eval(plan[j], height, width, stored_jpeg)
                 continue
@@ -411,14 +429,30 @@ class _CutViews(Operation):
                 geometry.append(geo)
         # Pinned (page-locked) when asked: the host-to-device copy then needs no staging copy.
         out = torch.empty((n, self.sample_bytes), dtype=torch.uint8, pin_memory=self.pin_memory)
-        status = np.zeros(n, dtype=np.int32)
         _cut_kernel(located.astype(np.int64), plan, out.numpy(), status, self.kind, r.image_size, r.jigsaw_size,
                     self.tile_size, self.tiles)
-        if status.any():
-            bad = np.flatnonzero(status)
-            what = {DECODE_FAILED: "JPEG decoding failed", RAW_SIZE: "raw image size does not match its field"}
-            raise RuntimeError("; ".join(f"sample {index[j]:09d}: {what[int(status[j])]}" for j in bad[:5]))
-        return _Views(self._batch(out, geometry), index)
+        kept = status == OK
+        if not kept.all():
+            what = {DECODE_FAILED: "its JPEG could not be decoded", RAW_SIZE: "raw image size does not match its field"}
+            for j in np.flatnonzero(status != OK):
+                self.skip_reasons.setdefault(int(index[j]), what.get(int(status[j]), "corrupt"))
+            out = out[torch.from_numpy(kept)]
+            out = out.pin_memory() if self.pin_memory else out
+            geometry = None if geometry is None else [g for g, k in zip(geometry, kept) if k]
+        return _Views(self._batch(out, geometry), index, kept)
+
+    @staticmethod
+    def _problem(located_row: np.ndarray, height: int, width: int, stored_jpeg: bool) -> str | None:
+        """Why a stored image cannot be cut (the field's size, then the JPEG's structure), or None."""
+        try:
+            check_pixels(height, width)
+        except ValueError as err:
+            return str(err)
+        if height == 0 or width == 0:
+            return f"its field claims {width}x{height} pixels"
+        if not stored_jpeg:
+            return None
+        return jpeg_problem(ctypes.string_at(int(located_row[0]), int(located_row[1])))
 
     def _plan_eval(self, row: np.ndarray, height: int, width: int, stored_jpeg: bool) -> None:
         """Shorter side to eval_resize_size, centre crop (pipelines/views.py eval_view, torchvision's rounding)."""
@@ -490,6 +524,8 @@ def _cut_kernel(located, plan, out, status, kind, image_size, jigsaw_size, tile_
     s_bytes = 3 * image_size * image_size
     t_bytes = 3 * tile_size * tile_size
     for s in numba.prange(located.shape[0]):
+        if status[s] != OK:
+            continue
         address, size = located[s, 0], located[s, 1]
         height, width, mode = located[s, 2], located[s, 3], located[s, 4]
         stored = numba.carray(cast_int_to_byte_ptr(address), size)

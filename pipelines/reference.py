@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipelines import batch as B
 from pipelines.recipe import PirlRecipe
 from pipelines.epoch_loader import EpochLoader, check_loader_args
+from pipelines.jpeg_check import jpeg_problem
 from pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
 from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
 from pipelines.views import eval_view, pretrain_views
@@ -36,31 +37,37 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return self.reader.table.num_samples
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+        """The sample's views, or None for a corrupt sample (collate leaves it out; EpochLoader counts it)."""
         epoch, i = key
         raw = self.reader.read(i)
+        if jpeg_problem(raw.jpg) is not None:
+            return None
         try:
             if self.mode == "eval":
                 sample = {B.IMAGE: eval_view(raw.jpg, self.recipe)}
             else:
                 views = pretrain_views(raw.jpg, self.recipe, generator_for(PURPOSE_SAMPLE, self.seed, epoch, i))
                 sample = {k: views[k] for k in self.keys}
-        except (RuntimeError, ValueError) as err:
-            shard = self.reader.table.tar_paths[int(self.reader.table.shard[i])]
-            raise RuntimeError(f"{shard}: cannot decode the JPEG of sample {i:09d}: {err}") from err
+        except (RuntimeError, ValueError):  # sound structure, undecodable data: skipped as well
+            return None
         sample[B.INDEX] = raw.index
         if raw.label is not None:
             sample[B.LABEL] = raw.label
         return sample
 
 
-def collate(samples: list[dict]) -> B.Batch:
-    """Stack per-sample dicts into a Batch (runs inside the DataLoader worker).
+def collate(samples: list[dict | None]) -> B.Batch:
+    """Stack per-sample dicts into a Batch (runs inside the DataLoader worker), leaving out corrupt samples
+    (None); a batch of nothing but corrupt samples is an empty `index`.
 
     Views are stacked as their HWC storage (a plain copy, not a transposing one) and handed back as CHW-shaped
     channels-last views; default_collate writes straight into shared memory, so the batch reaches the main
     process without another copy.
     """
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return {B.INDEX: torch.empty(0, dtype=torch.int64)}
     out: B.Batch = {}
     for key in samples[0]:
         if key in (B.INDEX, B.LABEL):
@@ -80,8 +87,8 @@ class ReferenceLoader(EpochLoader):
         self.pin_memory = pin_memory
         self.dataset = ShardDataset(table, recipe, mode=self.mode, seed=self.seed, with_geometry=self.with_geometry)
 
-    def __iter__(self):
-        keys = [[(self.epoch, int(i)) for i in batch] for batch in self.batches()]
+    def _iterate(self, batches):
+        keys = [[(self.epoch, int(i)) for i in batch] for batch in batches]
         loader = DataLoader(
             self.dataset,
             batch_sampler=keys,
@@ -92,7 +99,7 @@ class ReferenceLoader(EpochLoader):
             # Its own generator: the DataLoader draws the workers' base seed from it, not the global RNG.
             generator=torch.Generator().manual_seed(derive_seed(PURPOSE_LOADER, self.seed, self.epoch)),
         )
-        return iter(loader)
+        yield from loader
 
 
 def make_loader(

@@ -30,6 +30,9 @@ class DataConfig:
     dali: DaliOptions = field(default_factory=DaliOptions)  # backend=dali only: decode device, queue depths
     # hash every shard (or the .beton) against manifest.json's sha256 before training; sizes are always checked
     verify_sha256: bool = False
+    # corrupt samples (unreadable or truncated JPEGs) one process may skip per epoch before training stops with
+    # an error naming the shard and sample; each is left out of its batch (README, "When things go wrong")
+    max_skipped_per_epoch: int = 100
     # backend=ffcv only: read the .beton through the OS page cache (shared by a node's ranks); false: FFCV's own
     ffcv_os_cache: bool = True
 

@@ -53,7 +53,7 @@ def backend_options(cfg: PirlConfig) -> dict:
 
 def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrain"):
     """This rank's loader. Never passed to accelerator.prepare(): every backend already shards by rank."""
-    return pipelines.make_loader(
+    loader = pipelines.make_loader(
         cfg.data.backend,
         cfg.data.shards,
         cfg.data.recipe,
@@ -65,6 +65,8 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrai
         mode=mode,
         **backend_options(cfg),
     )
+    loader.max_skipped_per_epoch = cfg.data.max_skipped_per_epoch
+    return loader
 
 
 def build_augment(cfg: PirlConfig) -> BatchAugment:
@@ -162,6 +164,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         raise ConfigError(f"loss.bank must be one of {BANK_KINDS}, got {cfg.loss.bank!r}")
     if cfg.loss.bank_dtype not in BANK_DTYPES:
         raise ConfigError(f"loss.bank_dtype must be one of {tuple(BANK_DTYPES)}, got {cfg.loss.bank_dtype!r}")
+    if cfg.data.max_skipped_per_epoch < 0:
+        raise ConfigError(f"data.max_skipped_per_epoch must be >= 0, got {cfg.data.max_skipped_per_epoch}")
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
     # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.
@@ -314,8 +318,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                         lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
                         log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
                     )
-                # This rank's share of the global batch (host numbers: no communication); 1 on one process.
-                share = len(batch["index"]) / loader.global_batch_size(step_in_epoch)
+                # This rank's share of the global batch (host numbers: no communication); 1 on one process. A
+                # corrupt sample left out here counts out of the total; one left out on another rank does not.
+                share = len(batch["index"]) / (loader.global_batch_size(step_in_epoch) - loader.batch_skipped)
                 with record_function("backward"):
                     optimizer.zero_grad(set_to_none=True)
                     accelerator.backward(losses["loss"] * (share * accelerator.num_processes))
@@ -334,9 +339,11 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 if global_step % cfg.run.log_every == 0 or global_step == last_step:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": global_step, "epoch": epoch}
-                    sums = window_sums(accelerator, window, device)
+                    sums = window_sums(accelerator, {**window, "skipped": float(len(loader.skipped))}, device)
+                    skipped = int(sums.pop("skipped"))  # corrupt samples left out so far this epoch, all ranks
                     check_finite(sums, global_step - window_steps + 1, global_step, out_dir)
                     record.update({k: v / window_steps for k, v in sums.items()})
+                    record["skipped"] = skipped
                     record["lr"] = scheduler.get_last_lr()[0]
                     record["img_per_s"] = window_steps * global_batch / elapsed
                     record["data_wait_frac"] = data_wait / elapsed
@@ -344,7 +351,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                         run_log.write(record)
                     progress.set_postfix(
                         loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                        data_wait=f"{100 * record['data_wait_frac']:.0f}%",
+                        data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped,
                     )
                     window = {k: 0.0 for k in window}
                     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()

@@ -1,0 +1,205 @@
+"""Corrupt records inside the data: every backend leaves them out, counts them, and stops past the limit.
+
+The records are damaged in place (same length), as storage or a copy damages them: the manifest's sizes still
+match, so only the sample itself can tell.
+"""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import pipelines
+from pipelines import batch as B
+from pipelines.epoch_loader import CorruptSamples
+from pipelines.jpeg_check import jpeg_problem
+from pipelines.shard_index import ShardReader, build_sample_table
+
+from .conftest import CLASS_SIZES
+
+N = sum(CLASS_SIZES)
+BACKENDS = ["reference", "dali", "ffcv"]
+
+
+def garbage(jpg: bytes) -> bytes:
+    """Random bytes of the same length (not starting with a JPEG marker)."""
+    noise = np.random.default_rng(len(jpg)).integers(0, 256, len(jpg), dtype=np.uint8).tobytes()
+    return b"GARBAGE!" + noise[8:]
+
+
+def lost_tail(jpg: bytes) -> bytes:
+    """The first half of the JPEG, zeros after it: a write or a copy that never finished."""
+    half = len(jpg) // 2
+    return jpg[:half] + bytes(len(jpg) - half)
+
+
+def claim_huge_size(jpg: bytes) -> bytes:
+    """The same JPEG whose SOF header claims 30,000 x 30,000 pixels (900 M): a decompression bomb."""
+    data = bytearray(jpg)
+    for marker in (b"\xff\xc0", b"\xff\xc2", b"\xff\xc1"):
+        at = data.find(marker)
+        if at >= 0:
+            data[at + 5:at + 9] = (30000).to_bytes(2, "big") * 2  # height, width after length and precision
+            return bytes(data)
+    raise AssertionError("no SOF marker")
+
+
+# global index -> damage; spread over different shards and batches
+DAMAGE = {5: garbage, 12: lost_tail, 20: claim_huge_size}
+REASONS = {5: "not a JPEG", 12: "truncated", 20: "30000x30000 = 900,000,000 pixels.*decompression bomb"}
+
+
+def test_the_check_passes_sound_jpegs_and_names_each_damage(small_shards):
+    table = build_sample_table(small_shards)
+    reader = ShardReader(table)
+    jpgs = [bytes(reader.read(i).jpg) for i in range(N)]
+    assert all(jpeg_problem(j) is None for j in jpgs)
+    for i, damage in DAMAGE.items():
+        assert jpeg_problem(damage(jpgs[i])) is not None
+    jpg = jpgs[0]
+    assert "truncated" in jpeg_problem(jpg[: len(jpg) // 2])  # cut, not zeroed
+    assert jpeg_problem(jpg + b"trailing bytes") is None  # data after the end-of-image marker is allowed
+    assert "truncated inside its headers" in jpeg_problem(jpg[:40])
+
+
+def damage_shards(src, dst) -> dict[int, str]:
+    """A copy of the shard folder with DAMAGE applied in place; returns index -> its tar's path."""
+    shutil.copytree(src, dst)
+    table = build_sample_table(dst)
+    reader = ShardReader(table)
+    where = {}
+    for i, damage in DAMAGE.items():
+        jpg = bytes(reader.read(i).jpg)
+        shard = table.tar_paths[int(table.shard[i])]
+        with open(shard, "r+b") as f:
+            f.seek(int(table.start[i]) + int(table.jpg_at[i]))
+            f.write(damage(jpg))
+        where[i] = shard
+    return where
+
+
+def damage_beton(small_shards, intact, dst) -> dict[int, str]:
+    """A .beton of the intact shards (kept in `intact`), copied to `dst` with DAMAGE applied to its stored JPEG
+    bytes in place."""
+    pytest.importorskip("ffcv")
+    from tools.sharding.beton import build_beton
+
+    build_beton(small_shards, intact, workers=1)
+    shutil.copytree(intact, dst)
+    beton = dst / "dataset.beton"
+    data = bytearray(beton.read_bytes())
+    reader = ShardReader(build_sample_table(small_shards))
+    for i, damage in DAMAGE.items():
+        jpg = bytes(reader.read(i).jpg)
+        at = data.find(jpg)
+        assert at >= 0 and data.find(jpg, at + 1) < 0, "the stored JPEG must be found once"
+        data[at:at + len(jpg)] = damage(jpg)
+    beton.write_bytes(bytes(data))
+    return {i: str(beton) for i in DAMAGE}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def damaged(request, small_shards, tmp_path_factory):
+    """(backend, damaged data, the same data intact, index -> the file named in messages)."""
+    backend = request.param
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = tmp_path_factory.mktemp(f"damaged_{backend}")
+    if backend == "ffcv":
+        return backend, root / "data", root / "intact", damage_beton(small_shards, root / "intact", root / "data")
+    return backend, root / "data", small_shards, damage_shards(small_shards, root / "data")
+
+
+def make(backend, data, recipe, **kw):
+    args = dict(batch_size=4, num_workers=0)
+    args.update(kw)
+    return pipelines.make_loader(backend, str(data), recipe, **args)
+
+
+def run_epoch(loader, e=0):
+    loader.set_epoch(e)
+    return list(loader)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "eval"])
+def test_corrupt_samples_are_left_out_and_the_rest_is_unchanged(damaged, small_recipe, mode, capsys):
+    backend, data, intact_data, where = damaged
+    loader = make(backend, data, small_recipe, mode=mode, with_geometry=mode == "pretrain", num_workers=2)
+    batches = run_epoch(loader, 1)
+    intact = run_epoch(make(backend, intact_data, small_recipe, mode=mode, with_geometry=mode == "pretrain"), 1)
+    assert len(batches) == len(loader)  # the same number of steps
+    seen = torch.cat([b[B.INDEX] for b in batches]).tolist()
+    assert sorted(seen) == sorted(set(range(N)) - set(DAMAGE))
+    assert sorted(loader.skipped) == sorted(DAMAGE)
+    err = capsys.readouterr().err
+    for i in DAMAGE:
+        assert f"skipped {where[i]} sample {i:09d}" in err
+    # Every other sample keeps its views: they depend on (seed, epoch, index) alone.
+    for got, full in zip(batches, intact, strict=True):
+        keep = ~torch.isin(full[B.INDEX], torch.tensor(list(DAMAGE)))
+        assert sorted(got) == sorted(full)
+        for key in got:
+            assert torch.equal(got[key].cpu(), full[key][keep].cpu()), key
+
+
+def test_two_ranks_keep_equal_steps_and_every_sound_sample_once(damaged, small_recipe):
+    backend, data, _, _ = damaged
+    loaders = [make(backend, data, small_recipe, rank=r, world_size=2, batch_size=3) for r in range(2)]
+    epochs = [run_epoch(loader, 2) for loader in loaders]
+    assert len(epochs[0]) == len(epochs[1]) == len(loaders[0])
+    seen = torch.cat([b[B.INDEX] for e in epochs for b in e]).tolist()
+    assert sorted(seen) == sorted(set(range(N)) - set(DAMAGE))
+    assert sorted(loaders[0].skipped + loaders[1].skipped) == sorted(DAMAGE)
+
+
+def test_past_the_limit_the_error_names_the_file_and_the_sample(damaged, small_recipe):
+    backend, data, _, where = damaged
+    loader = make(backend, data, small_recipe, mode="eval", batch_size=8)  # identity order: 5, 12, then 20
+    loader.max_skipped_per_epoch = 2
+    loader.set_epoch(0)
+    with pytest.raises(CorruptSamples, match=rf"{where[20]} sample 000000020: .*{REASONS[20]}.*corrupt sample 3 of "
+                                             r"epoch 0 on rank 0, more than max_skipped_per_epoch = 2"):
+        list(loader)
+    loader.max_skipped_per_epoch = 3
+    assert len(run_epoch(loader)) == len(loader)  # the count starts again with every epoch
+
+
+def test_each_damage_is_named(damaged, small_recipe):
+    backend, data, _, where = damaged
+    loader = make(backend, data, small_recipe, mode="eval", batch_size=8)
+    for i in DAMAGE:
+        loader.max_skipped_per_epoch = 0
+        loader.set_epoch(0, start_step=i // 8)
+        with pytest.raises(CorruptSamples, match=rf"{where[i]} sample {i:09d}: .*{REASONS[i]}"):
+            list(loader)
+
+
+def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(damaged, small_recipe):
+    backend, data, _, _ = damaged
+    loader = make(backend, data, small_recipe, mode="eval", batch_size=1)
+    loader.set_epoch(0, start_step=5)
+    # DALI's source cannot hand it an empty batch: the error comes from its worker, through DALI's own.
+    error, message = (Exception, "step 5 of epoch 0 on rank 0: every sample is corrupt") if backend == "dali" else (
+        CorruptSamples, "every sample of step 5 of epoch 0 on rank 0 is corrupt")
+    with pytest.raises(error, match=message):
+        next(iter(loader))
+
+
+def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_path, capsys):
+    import json
+
+    from tests.train.conftest import tiny_overrides
+    from train import pirl
+
+    backend, data, _, where = damaged
+    run = tmp_path / "run"
+    args = [*tiny_overrides(data, run), f"--data.backend={backend}", "--optim.epochs=1"]
+    record = pirl.main(args)
+    assert record["skipped"] == len(DAMAGE) and record["step"] == 4  # 31 samples, 8 a batch: the same 4 steps
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in logged][-1] == len(DAMAGE)
+    err = capsys.readouterr().err
+    assert f"skipped={len(DAMAGE)}" in err  # the progress line
+    assert f"skipped {where[20]} sample 000000020" in err
+    with pytest.raises(CorruptSamples, match=rf"{data}.* sample 0000000\d\d: .*max_skipped_per_epoch = 1"):
+        pirl.main([*args, f"--run.out_dir={tmp_path / 'strict'}", "--data.max_skipped_per_epoch=1"])
