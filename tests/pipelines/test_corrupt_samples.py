@@ -203,3 +203,10 @@ def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_pat
     assert f"skipped {where[20]} sample 000000020" in err
     with pytest.raises(CorruptSamples, match=rf"{data}.* sample 0000000\d\d: .*max_skipped_per_epoch = 1"):
         pirl.main([*args, f"--run.out_dir={tmp_path / 'strict'}", "--data.max_skipped_per_epoch=1"])
+
+
+def test_every_real_photo_passes_the_check(real_data):
+    photos = [p for p in real_data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")]
+    assert len(photos) > 100
+    problems = {str(p): jpeg_problem(p.read_bytes()) for p in photos}
+    assert {p: why for p, why in problems.items() if why} == {}
