@@ -1,0 +1,113 @@
+"""The covariant baselines PIRL is compared against (paper section 3): Jigsaw (Noroozi & Favaro 2016) predicts
+which of K fixed permutations shuffled the nine patches; Rotation (Gidaris et al. 2018) predicts by which
+multiple of 90 degrees the image was turned. Both are K-way classification on pooled trunk features, so the
+representation has to change with the transformation: the opposite of PIRL's invariance.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.permutations import max_hamming_permutations
+from pipelines.rng import PURPOSE_JIGSAW_LABEL, counter_words, derive_seed
+
+NUM_ROTATIONS = 4  # 0, 90, 180, 270 degrees (Gidaris et al. 2018, section 2.2)
+
+
+class JigsawClassifier(nn.Module):
+    """(B, num_patches, in_dim) patch features in GRID order + perm_ids (B,) -> (B, num_permutations) logits.
+
+    The trunk scores each patch on its own (PIRLNet runs all B*9 patches as one batch of separate images), so
+    shuffling the pooled features is the same as shuffling the patches before the trunk: no patch sees another,
+    and BatchNorm's batch statistics do not depend on the order. The shuffle therefore happens here, where it
+    is one gather: slot j of sample b holds grid patch permutations[perm_ids[b], j] (JigsawHead's convention).
+
+    Shape (Noroozi & Favaro's context-free network, scaled to pooled ResNet features): a per-patch linear
+    in_dim -> patch_dim + ReLU shared by all patches, the patch vectors concatenated in the shuffled order
+    (num_patches * patch_dim), then linear -> hidden + ReLU -> linear -> K. Defaults: patch_dim 128 (PIRL's
+    per-patch width in g, so the two methods' heads match), hidden 512: 1.37M parameters for in_dim 2048,
+    K 1000. hidden=None drops the middle layer, which with patch_dim=1024 is the ResNet-50 Jigsaw of Goyal et
+    al. 2019 (the source of the paper's Jigsaw numbers) less its BatchNorm after the per-patch layer.
+    """
+
+    def __init__(self, in_dim: int, num_permutations: int = 1000, num_patches: int = 9,
+                 hidden: int | None = 512, patch_dim: int = 128, permutation_seed: int = 0):
+        super().__init__()
+        self.num_patches = num_patches
+        self.num_permutations = num_permutations
+        # Persistent: the table says what each logit means, so it belongs with the weights. A checkpoint then
+        # stays consistent even if a newer numpy or selection code would pick another set, and loading one with
+        # another K or patch count fails on the shape instead of silently relabelling the classes. 72 KB.
+        self.register_buffer("permutations", max_hamming_permutations(num_permutations, num_patches,
+                                                                      permutation_seed), persistent=True)
+        self.patch_proj = nn.Linear(in_dim, patch_dim)
+        concat = num_patches * patch_dim  # 9 * 128 = 1152 by default
+        layers = ([nn.Linear(concat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_permutations)]
+                  if hidden else [nn.Linear(concat, num_permutations)])
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, perm_ids: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.num_patches:
+            raise ValueError(f"JigsawClassifier expects (B, {self.num_patches}, D) patch features in grid order, "
+                             f"got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if perm_ids.shape != (batch,) or perm_ids.is_floating_point():
+            raise ValueError(f"perm_ids must be ({batch},) integer ids, got {tuple(perm_ids.shape)} {perm_ids.dtype}")
+        # Ids out of range are not checked here (that would make a GPU wait for the host): indexing raises.
+        order = self.permutations[perm_ids]  # (B, 9)
+        # The per-patch layer is shared, so projecting before the shuffle equals projecting after; the gather
+        # then moves patch_dim-wide rows instead of in_dim-wide ones.
+        h = F.relu(self.patch_proj(x))  # (B, 9, patch_dim)
+        shuffled = torch.gather(h, 1, order.unsqueeze(-1).expand_as(h))  # (B, 9, patch_dim)
+        return self.classifier(shuffled.reshape(batch, -1))  # (B, K)
+
+
+class RotationClassifier(nn.Module):
+    """Pooled res5 feature of the rotated image, (B, 1, in_dim) or (B, in_dim) -> (B, 4) logits.
+
+    Gidaris et al. put the classifier on top of the conv trunk; here it sits on the pooled feature that the
+    linear probe later reads, like PIRL's RotationHead: one linear layer by default (hidden=None), so the trunk
+    has to do the work; hidden=n inserts one ReLU layer of width n.
+    """
+
+    def __init__(self, in_dim: int, hidden: int | None = None):
+        super().__init__()
+        self.classifier = (nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                                         nn.Linear(hidden, NUM_ROTATIONS))
+                           if hidden else nn.Linear(in_dim, NUM_ROTATIONS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[1] == 1:
+            x = x[:, 0]  # the rotation view's one "patch", as PIRLNet hands it over
+        if x.dim() != 2:
+            raise ValueError(f"RotationClassifier expects (B, 1, D) or (B, D) features, got {tuple(x.shape)}")
+        return self.classifier(x)
+
+
+def draw_permutation_ids(seed: int, step: int, index: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) int64 in [0, k): the permutation id of each sample, a pure function of (seed, step, global index).
+
+    Counter-based (pipelines/rng.py), like train/pirl.py's patch_orders: a sample gets the same id whichever
+    rank or batch holds it. Computed on index's device without a host sync; indexes must be non-negative.
+    """
+    if not 1 <= k <= 2**31:
+        raise ValueError(f"k must be in 1..2**31, got {k}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be (B,), got {tuple(index.shape)}")
+    words = counter_words(derive_seed(PURPOSE_JIGSAW_LABEL, seed, step), index, 1)[:, 0]  # (B,) in [0, 2**32)
+    # floor(word * k / 2**32), exact in int64 (k <= 2**31): each id has probability 1/k to within 2**-32,
+    # with no division or float rounding (Lemire's multiply-shift).
+    return (words * k) >> 32
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"loss": mean cross entropy, "accuracy": detached mean top-1}, both 0-d tensors (no host sync here).
+
+    Logits are upcast to float32: autocast does so for cross_entropy anyway, but a model cast to bf16 would
+    otherwise compute the loss with 8 mantissa bits.
+    """
+    logits = logits.float()
+    return {
+        "loss": F.cross_entropy(logits, target),
+        "accuracy": (logits.detach().argmax(dim=1) == target).float().mean(),
+    }
