@@ -1,18 +1,38 @@
-"""Linear probe: a frozen trunk's pooled res5 features -> a linear classifier; prints and writes top-1.
+"""Linear probes: a frozen trunk's pooled res2..res5 features -> one linear classifier per stage; best top-1.
 
     python train/linear_probe.py --checkpoint=runs/pirl/checkpoints/step_000001000.pt \
         --train_shards=shards/train --test_shards=shards/test --output=runs/pirl/probe.json
     python train/linear_probe.py --arch=resnet18 --image_size=112 ...   # no checkpoint: random-init baseline
+    python train/linear_probe.py --layers=[res4,res5] ...               # a subset of the stages
 
-Features are extracted once (resize + centre crop, no augmentation) and standardised with the training set's
-statistics; the classifier is multinomial logistic regression trained with Adam on the cached features.
+The PIRL paper's protocol (after Goyal et al. 2019; docs PIRL.md, "Evaluation"): a linear classifier on the
+frozen features of each stage res2..res5, the best layer reported. All stages come out of one forward pass
+(resize + centre crop, no augmentation); features are extracted once, standardised with the training set's
+statistics, and each stage gets a multinomial logistic regression trained with Adam on the cached features.
+The result's "top1" is the best stage's; "per_layer" holds every stage's, "bn" the BatchNorm statistics used
+("precise" or "running").
+
+Pooling per stage (pool_grid): res2..res4 are average-pooled to a g x g grid with g = round(sqrt(9216 / C)) for
+C channels, i.e. about 9,000 dimensions whatever the trunk, as Goyal et al. 2019 do (their VISSL config pools
+ResNet-50's res2/res3/res4 to 6x6/4x4/3x3: 9216/8192/9216 dims; the rule reproduces exactly those grids). res5 is
+the global average pool, the v of PIRL section 2.3 and the trunk's own output (VISSL's "res5avg"; its 2x2 "res5"
+variant is left out: the paper's features are v). adaptive_avg_pool2d makes the dimension independent of the
+image size (a stage map smaller than its grid is replicated, not an error):
+
+| stage | resnet18/34: C, grid, dims | resnet50: C, grid, dims |
+|-------|----------------------------|-------------------------|
+| res2  | 64, 12x12, 9216            | 256, 6x6, 9216          |
+| res3  | 128, 8x8, 8192             | 512, 4x4, 8192          |
+| res4  | 256, 6x6, 9216             | 1024, 3x3, 9216         |
+| res5  | 512, 1x1, 512              | 2048, 1x1, 2048         |
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +45,10 @@ from pipelines.augment import BatchAugment
 from pipelines.recipe import PirlRecipe
 from train import checkpoint
 from train.config import ConfigError, config_from_cli
+
+# The paper's stage names -> torchvision's ResNet attributes, in forward order.
+STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
+POOLED_DIMS = 9216  # target dimension of a pooled res2..res4 feature: Goyal et al. 2019's "about 9k" (VISSL: 6*6*256)
 
 
 @dataclass
@@ -41,7 +65,9 @@ class ProbeConfig:
     lr: float = 1e-3  # Adam on standardised features
     weight_decay: float = 5e-4  # L2 on the classifier weights
     seed: int = 0  # trunk init (random baseline) and classifier init/order
-    precise_bn: bool = True  # re-estimate BatchNorm statistics on the probe's training images first
+    precise_bn: bool = True  # re-estimate BatchNorm statistics on the probe's training images first ("precise");
+    # false = the trunk's own running statistics ("running")
+    layers: list[str] = field(default_factory=lambda: list(STAGES))  # stages probed, a subset of res2..res5
     output: str = ""  # JSON result path; empty = print only
 
 
@@ -64,10 +90,53 @@ def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
     return trunk.eval(), arch, recipe
 
 
-def eval_images(loader, recipe: PirlRecipe):
-    """(uint8 loader batch, float image) pairs: the batched stage's eval form (convert, normalise)."""
+def check_layers(layers: Sequence[str]) -> list[str]:
+    """The requested stages in forward order; an unknown or missing name is a ConfigError naming `layers`."""
+    unknown = [name for name in layers if name not in STAGES]
+    if unknown or not layers:
+        raise ConfigError(f"layers must be a non-empty subset of {list(STAGES)}, got {list(layers)}")
+    return [name for name in STAGES if name in layers]
+
+
+def pool_grid(stage: str, channels: int) -> int:
+    """Side of the average-pooling grid for a stage with `channels` channels (module docstring: ~9,000 dims)."""
+    if stage == "res5":
+        return 1  # global average pool: PIRL's v
+    return max(1, round(math.sqrt(POOLED_DIMS / channels)))
+
+
+def stage_features(trunk: torch.nn.Module, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{stage: (B, C * g * g) pooled features} from ONE pass through a torchvision ResNet trunk.
+
+    Calls the trunk's submodules in the order of torchvision's ResNet._forward_impl and stops after the last
+    stage asked for, so probing res2 alone does not pay for res3..res5. res5 equals trunk(image).
+    """
+    x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(image))))
+    out: dict[str, torch.Tensor] = {}
+    for stage, attr in STAGES.items():
+        x = getattr(trunk, attr)(x)  # (B, C, H, W)
+        if stage in layers:
+            out[stage] = F.adaptive_avg_pool2d(x, pool_grid(stage, x.shape[1])).flatten(1).float()
+            if len(out) == len(layers):
+                break
+    return out
+
+
+def eval_images(loader, recipe: PirlRecipe, device: torch.device | None = None, keep: torch.Tensor | None = None):
+    """(uint8 loader batch, float image) pairs: the batched stage's eval form (convert, normalise).
+
+    device: where the image is converted (the training device for the kNN monitor; None = where the loader put
+    it). keep: global sample indexes to keep; other rows are dropped before conversion (a subsample).
+    """
     stage = BatchAugment(recipe)
     for batch in loader:
+        if keep is not None:
+            rows = torch.isin(batch["index"], keep.to(batch["index"].device))
+            if not rows.any():
+                continue
+            batch = {k: v[rows.to(v.device)] for k, v in batch.items()}
+        if device is not None:
+            batch = {**batch, "image": batch["image"].to(device, non_blocking=True)}
         yield batch, stage.eval(batch)["image"]
 
 
@@ -91,20 +160,48 @@ def recalibrate_batchnorm(trunk: torch.nn.Module, images: Iterable[torch.Tensor]
 
 
 @torch.no_grad()
-def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeConfig, what: str):
+def extract_features(
+    features_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    loader,
+    recipe: PirlRecipe,
+    *,
+    device: torch.device | None = None,
+    keep: torch.Tensor | None = None,
+    desc: str = "features",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One pass of an eval-mode, labelled loader through `features_fn` (model-ready images -> {name: (B, D)}).
+
+    Returns ({name: (N, D) float32}, labels (N,) int64), rows in loader order, on the features' device. Shared by
+    the linear probe and the kNN monitor (train/knn_monitor.py); `device` and `keep` as in eval_images.
+    """
+    if not loader.labelled:
+        raise ValueError(f"{desc}: the shards have no labels; evaluation needs labelled shards")
+    loader.set_epoch(0)
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for batch, image in tqdm(eval_images(loader, recipe, device, keep), desc=desc, unit="batch", leave=False):
+        out = features_fn(image)
+        for name, f in out.items():
+            feats.setdefault(name, []).append(f.float())
+        labels.append(batch["label"].to(next(iter(out.values())).device))  # beside the features, for the kNN vote
+    if not labels:
+        raise ValueError(f"{desc}: the loader yielded no samples")
+    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
+
+
+def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeConfig, what: str,
+            layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     loader = pipelines.make_loader(
         cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers, mode="eval"
     )
     if not loader.labelled:
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
-    loader.set_epoch(0)
     if what == "train" and cfg.precise_bn:
+        loader.set_epoch(0)
         recalibrate_batchnorm(trunk, (image for _, image in eval_images(loader, recipe)))
-    feats, labels = [], []
-    for batch, image in tqdm(eval_images(loader, recipe), desc=f"features ({what})", unit="batch", leave=False):
-        feats.append(trunk(image).float())
-        labels.append(batch["label"])
-    return torch.cat(feats), torch.cat(labels), len(loader.classes or [])
+    feats, labels = extract_features(lambda image: stage_features(trunk, image, layers), loader, recipe,
+                                     desc=f"features ({what})")
+    return feats, labels, len(loader.classes or [])
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: ProbeConfig) -> torch.nn.Linear:
@@ -131,26 +228,42 @@ def top1(clf: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 def probe(cfg: ProbeConfig) -> dict:
     if not cfg.train_shards or not cfg.test_shards:
         raise ConfigError("train_shards and test_shards are required")
+    layers = check_layers(cfg.layers)
     trunk, arch, recipe = load_trunk(cfg)
-    x_train, y_train, num_classes = extract(trunk, cfg.train_shards, recipe, cfg, "train")
-    x_test, y_test, _ = extract(trunk, cfg.test_shards, recipe, cfg, "test")
+    x_train, y_train, num_classes = extract(trunk, cfg.train_shards, recipe, cfg, "train", layers)
+    x_test, y_test, _ = extract(trunk, cfg.test_shards, recipe, cfg, "test", layers)
     num_classes = max(num_classes, int(y_train.max()) + 1, int(y_test.max()) + 1)
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # random trunks give features of any scale
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    clf = fit_linear(x_train, y_train, num_classes, cfg)
+    per_layer, per_layer_train = {}, {}
+    for name in layers:
+        train, test = x_train[name], x_test[name]
+        mean, std = train.mean(0), train.std(0).clamp_min(1e-6)  # random trunks give features of any scale
+        train, test = (train - mean) / std, (test - mean) / std
+        clf = fit_linear(train, y_train, num_classes, cfg)
+        per_layer[name], per_layer_train[name] = top1(clf, test, y_test), top1(clf, train, y_train)
+    best = max(layers, key=per_layer.__getitem__)  # the first stage among equals
+    dims = {name: x_train[name].shape[1] for name in layers}
     result = {
-        "top1": top1(clf, x_test, y_test),
-        "train_top1": top1(clf, x_train, y_train),
+        "top1": per_layer[best],  # the paper reports the best layer
+        "train_top1": per_layer_train[best],
+        "best_layer": best,
+        "per_layer": per_layer,
+        "per_layer_train": per_layer_train,
+        "bn": "precise" if cfg.precise_bn else "running",
         "trunk": cfg.checkpoint or "random-init",
         "arch": arch,
         "image_size": recipe.image_size,
-        "num_train": len(x_train),
-        "num_test": len(x_test),
+        "num_train": len(y_train),
+        "num_test": len(y_test),
         "num_classes": num_classes,
-        "feature_dim": x_train.shape[1],
+        "feature_dim": dims[best],
+        "feature_dims": dims,
     }
-    print(f"linear probe ({result['trunk']}, {arch} @ {recipe.image_size}px): top-1 {result['top1']:.2f}% "
-          f"on {len(x_test)} test images (train {result['train_top1']:.2f}%)")
+    print(f"linear probe ({result['trunk']}, {arch} @ {recipe.image_size}px, {result['bn']} BN): "
+          f"best {best} top-1 {result['top1']:.2f}% on {len(y_test)} test images")
+    print(f"  {'layer':<6}{'dims':>7}{'top-1':>9}{'train':>9}")
+    for name in layers:
+        mark = "  <- best" if name == best else ""
+        print(f"  {name:<6}{dims[name]:>7}{per_layer[name]:>8.2f}%{per_layer_train[name]:>8.2f}%{mark}")
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")

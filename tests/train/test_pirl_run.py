@@ -83,7 +83,7 @@ def test_linear_probe_reads_the_checkpoint(synthetic_shards, tmp_path):
         f"--test_shards={synthetic_shards}", "--num_workers=0", "--epochs=30", f"--output={tmp_path}/probe.json",
     ])
     assert result["num_train"] == result["num_test"] == 30 and result["num_classes"] == 10
-    assert result["image_size"] == 32 and result["feature_dim"] == 512
+    assert result["image_size"] == 32 and result["feature_dims"]["res5"] == 512
     assert result["train_top1"] > 50.0  # 30 points in 512 dimensions are separable: the classifier must fit them
     assert (tmp_path / "probe.json").exists()
 

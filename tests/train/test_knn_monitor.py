@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.trunk import build_trunk
+from pipelines.recipe import PirlRecipe
+from train import knn_monitor
+
+
+def unit(*angles_deg):
+    """Unit 2-d rows at the given angles: cosines are cos(angle differences), easy to check by hand."""
+    a = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+def test_separable_clusters_give_100_percent():
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 64, generator=gen), dim=1)
+    labels = torch.arange(5).repeat_interleave(8)  # 8 points per class
+    points = F.normalize(centres[labels] + 0.05 * torch.randn(40, 64, generator=gen), dim=1)
+    train, test = points[::2], points[1::2]
+    assert knn_monitor.knn_top1(train, labels[::2], test, labels[1::2], k=3, temperature=0.07) == 100.0
+
+
+def test_hand_computed_votes_weight_close_neighbours_over_the_majority():
+    # Class 0 at 0/10/20 degrees, class 1 at 55/90/120; the query at 40 degrees has as its 3 nearest neighbours
+    # 55 (class 1, cos 15 deg), 20 and 10 (class 0, cos 20 and cos 30 deg).
+    train, labels = unit(0, 10, 20, 55, 90, 120), torch.tensor([0, 0, 0, 1, 1, 1])
+    query = unit(40)
+    cos = lambda deg: math.cos(math.radians(deg))  # noqa: E731
+    for t in (0.07, 1.0):
+        votes = knn_monitor.knn_votes(train, labels, query, num_classes=2, k=3, temperature=t)
+        expected = [math.exp(cos(20) / t) + math.exp(cos(30) / t), math.exp(cos(15) / t)]
+        torch.testing.assert_close(votes, torch.tensor([expected], dtype=torch.float64))
+    # At T = 0.07 the single closest neighbour outweighs two farther ones; at T = 1 the majority wins.
+    assert knn_monitor.knn_votes(train, labels, query, 2, 3, 0.07).argmax().item() == 1
+    assert knn_monitor.knn_votes(train, labels, query, 2, 3, 1.0).argmax().item() == 0
+
+
+def test_chunked_votes_equal_one_block_and_k_is_capped_at_the_train_size():
+    gen = torch.Generator().manual_seed(1)
+    train = F.normalize(torch.randn(23, 8, generator=gen), dim=1)
+    test = F.normalize(torch.randn(11, 8, generator=gen), dim=1)
+    labels = torch.randint(0, 4, (23,), generator=gen)
+    whole = knn_monitor.knn_votes(train, labels, test, 4, k=5, temperature=0.1)
+    torch.testing.assert_close(knn_monitor.knn_votes(train, labels, test, 4, k=5, temperature=0.1, chunk=4), whole)
+    all_votes = knn_monitor.knn_votes(train, labels, test, 4, k=100, temperature=0.1)  # k > N: every train row
+    torch.testing.assert_close(all_votes.sum(1), ((test @ train.T) / 0.1).exp().sum(1))
+
+
+def test_subsample_indexes_are_spread_evenly():
+    assert knn_monitor.subsample_indexes(30, 10).tolist() == list(range(0, 30, 3))
+    assert knn_monitor.subsample_indexes(30, None) is None and knn_monitor.subsample_indexes(30, 30) is None
+    assert len(set(knn_monitor.subsample_indexes(1000, 999).tolist())) == 999
+
+
+@pytest.fixture
+def monitor(synthetic_shards):
+    return knn_monitor.KnnMonitor(str(synthetic_shards), str(synthetic_shards), PirlRecipe(), image_size=32,
+                                  batch_size=8, num_workers=0, max_train=20)
+
+
+def test_evaluate_on_shards_with_a_resnet18_trunk(monitor):
+    torch.manual_seed(0)
+    trunk, _ = build_trunk("resnet18")
+    result = monitor.evaluate(trunk, "cpu")
+    assert isinstance(result["knn_top1"], float) and 0.0 <= result["knn_top1"] <= 100.0
+    assert result == {**result, "knn_k": 20, "knn_num_train": 20, "knn_num_test": 30}
+    assert monitor.recipe.image_size == 32 and PirlRecipe().image_size == 224
+
+
+def test_the_reference_loader_reads_only_the_subset(monitor):
+    monitor.train_loader.set_epoch(0)
+    read = [i for batch in monitor.train_loader for i in batch["index"].tolist()]
+    assert read == knn_monitor.subsample_indexes(30, 20).tolist()
+
+
+def test_evaluate_runs_in_eval_mode_without_grad_and_restores_every_flag(monitor):
+    trunk, _ = build_trunk("resnet18")
+    trunk.train()
+    trunk.layer1.eval()  # a frozen part: must stay in eval mode after evaluate, not follow the parent
+    seen = []
+    trunk.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
+    before = {name: m.training for name, m in trunk.named_modules()}
+    running_mean = trunk.bn1.running_mean.clone()
+    monitor.evaluate(trunk, "cpu")
+    assert seen and all(mode == (False, False) for mode in seen)
+    assert {name: m.training for name, m in trunk.named_modules()} == before
+    torch.testing.assert_close(trunk.bn1.running_mean, running_mean)  # eval mode: BatchNorm statistics untouched
+    monitor.evaluate(trunk.eval(), "cpu")
+    assert not any(m.training for m in trunk.modules())
+
+
+def test_evaluate_accepts_a_feature_function_and_small_k(synthetic_shards):
+    monitor = knn_monitor.KnnMonitor(str(synthetic_shards), str(synthetic_shards), PirlRecipe(image_size=32),
+                                     batch_size=8, num_workers=0, k=1, max_test=10)
+    # The test set is the train set: each test image's nearest neighbour is itself.
+    result = monitor.evaluate(lambda image: image.flatten(1), "cpu")
+    assert result["knn_top1"] == 100.0 and result["knn_num_test"] == 10 and result["knn_k"] == 1
+
+
+def test_unlabelled_shards_fail_at_construction(tmp_path):
+    from tools.make_shards import build_shards
+    from tools.synthetic_data import write_synthetic
+    write_synthetic(tmp_path / "images", per_class=1, size=32, seed=0)
+    images = sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in images))
+    build_shards(tmp_path / "list.txt", tmp_path / "shards", workers=1, shard_size=40_000)
+    with pytest.raises(ValueError, match="no labels"):
+        knn_monitor.KnnMonitor(str(tmp_path / "shards"), str(tmp_path / "shards"), PirlRecipe(), num_workers=0)

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from model.trunk import build_trunk
+from train import linear_probe
+from train.config import ConfigError
+
+RESNET18_DIMS = {"res2": 64 * 12 * 12, "res3": 128 * 8 * 8, "res4": 256 * 6 * 6, "res5": 512}
+
+
+def probe_args(shards, *extra):
+    return [f"--train_shards={shards}", f"--test_shards={shards}", "--arch=resnet18", "--image_size=32",
+            "--num_workers=0", "--epochs=5", *extra]
+
+
+@pytest.mark.parametrize("channels, dims", [
+    ((64, 128, 256, 512), (9216, 8192, 9216, 512)),  # resnet18/34
+    ((256, 512, 1024, 2048), (9216, 8192, 9216, 2048)),  # resnet50: Goyal et al.'s 6x6, 4x4, 3x3 and the global pool
+])
+def test_pool_grid_gives_about_9000_dims_per_stage(channels, dims):
+    got = tuple(c * linear_probe.pool_grid(stage, c) ** 2 for stage, c in zip(linear_probe.STAGES, channels))
+    assert got == dims
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_stage_features_dims_do_not_depend_on_the_image_size_and_res5_is_the_trunk_output(size):
+    torch.manual_seed(0)
+    trunk, _ = build_trunk("resnet18")
+    trunk.eval()
+    image = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = linear_probe.stage_features(trunk, image, list(linear_probe.STAGES))
+        v = trunk(image)
+    assert {name: f.shape for name, f in feats.items()} == {name: (2, d) for name, d in RESNET18_DIMS.items()}
+    torch.testing.assert_close(feats["res5"], v)
+
+
+def test_stage_features_stops_after_the_last_stage_asked_for():
+    trunk, _ = build_trunk("resnet18")
+    trunk.layer3 = trunk.layer4 = None  # would raise if called
+    with torch.no_grad():
+        feats = linear_probe.stage_features(trunk.eval(), torch.randn(1, 3, 32, 32), ["res3", "res2"])
+    assert list(feats) == ["res2", "res3"]
+
+
+def test_probe_reports_every_layer_and_the_best_one(synthetic_shards, tmp_path):
+    out = tmp_path / "probe.json"
+    result = linear_probe.main(probe_args(synthetic_shards, f"--output={out}"))
+    assert list(result["per_layer"]) == list(linear_probe.STAGES)
+    assert result["feature_dims"] == RESNET18_DIMS
+    assert result["best_layer"] == max(result["per_layer"], key=result["per_layer"].get)
+    assert result["top1"] == result["per_layer"][result["best_layer"]]
+    assert result["feature_dim"] == RESNET18_DIMS[result["best_layer"]]
+    assert all(0.0 <= top1 <= 100.0 for top1 in result["per_layer"].values())
+    assert result["bn"] == "precise" and result["num_train"] == result["num_test"] == 30
+    assert json.loads(out.read_text()) == result
+
+
+def test_probe_on_a_subset_with_running_batchnorm(synthetic_shards):
+    result = linear_probe.main(probe_args(synthetic_shards, "--layers=[res5,res3]", "--precise_bn=false"))
+    assert list(result["per_layer"]) == ["res3", "res5"]  # forward order, whatever the order asked
+    assert result["bn"] == "running"
+
+
+@pytest.mark.parametrize("layers", ["[res5,res6]", "[]"])
+def test_an_unknown_or_empty_layer_list_is_a_config_error(synthetic_shards, layers):
+    with pytest.raises(ConfigError, match="layers must be"):
+        linear_probe.main(probe_args(synthetic_shards, f"--layers={layers}"))
