@@ -111,3 +111,28 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> dict[str,
         "loss": F.cross_entropy(logits, target),
         "accuracy": (logits.detach().argmax(dim=1) == target).float().mean(),
     }
+
+
+class CovariantNet(nn.Module):
+    """The trunk + one covariant classifier: `jigsaw` reads the nine patches of It (B, 9, 3, P, P), `rotation`
+    the one rotated view (B, 1, 3, S, S); forward(patches, target) -> (B, classes) logits. The trunk is named
+    `trunk` as in PIRLNet, so the linear probe and tools/export.py read every method's checkpoint alike."""
+
+    def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9):
+        super().__init__()
+        from model.trunk import build_trunk  # the trunk is torchvision's; model.trunk imports nothing of ours
+
+        self.trunk, self.feature_dim = build_trunk(arch)
+        if method == "jigsaw":
+            self.classifier = JigsawClassifier(self.feature_dim, num_permutations, num_patches)
+        elif method == "rotation":
+            self.classifier = RotationClassifier(self.feature_dim)
+        else:
+            raise ValueError(f"CovariantNet: method must be 'jigsaw' or 'rotation', got {method!r}")
+        self.method = method
+
+    def forward(self, patches: torch.Tensor, perm_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch, num = patches.shape[:2]
+        flat = patches.reshape(batch * num, *patches.shape[2:])  # every tile as a separate image, one batch
+        features = self.trunk(flat).reshape(batch, num, self.feature_dim)
+        return self.classifier(features, perm_ids) if self.method == "jigsaw" else self.classifier(features)

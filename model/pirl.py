@@ -35,10 +35,13 @@ class PIRLNet(nn.Module):
         return F.normalize(self.image_head(self.trunk(image)), dim=1)
 
     def forward(
-        self, image: torch.Tensor, patches: torch.Tensor, generator: torch.Generator | None = None,
+        self, image: torch.Tensor, patches: torch.Tensor | None, generator: torch.Generator | None = None,
         patch_order: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """patch_order (B, num_patches): the jigsaw head's permutations; None draws them from `generator`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """patch_order (B, num_patches): the jigsaw head's permutations; None draws them from `generator`.
+        patches=None (NPID++) scores the image alone: (f_img, None)."""
+        if patches is None:
+            return self.image_embedding(image), None
         if patches.dim() != 5 or patches.shape[1] != self.num_patches:
             raise ValueError(
                 f"patches must be (B, {self.num_patches}, C, P, P), got {tuple(patches.shape)}"

@@ -45,6 +45,7 @@ class ModelConfig:
     # elsewhere): N processes then train like one with the global batch. Off: per-process statistics, the
     # paper's setting (32 per GPU) and cheaper; README, "Multi-process runs".
     sync_bn: bool = False
+    num_permutations: int = 1000  # method=jigsaw: the classes, a max-Hamming set (model/permutations.py)
 
 
 @dataclass
@@ -87,12 +88,30 @@ class RunConfig:
 
 
 @dataclass
+class KnnConfig:
+    """The kNN monitor (train/knn_monitor.py): top-1 of a weighted k-nearest-neighbour vote on labelled shards."""
+
+    every: int = 0  # steps between evaluations; 0 = off (the default: it costs two passes over its shards)
+    train_shards: str = ""  # labelled shards whose features vote (empty: data.shards, which must be labelled)
+    test_shards: str = ""  # labelled shards scored; required when every > 0
+    k: int = 20  # neighbours (DINO's choice at T = 0.07; capped at the train set's size)
+    temperature: float = 0.07  # vote weight exp(cos / T) (Wu et al. 2018)
+    max_train: int = 0  # evenly spaced subset of the train shards, fixed for the run; 0 = all of them
+    max_test: int = 0  # likewise for the test shards
+    batch_size: int = 256  # feature-extraction batch
+
+
+@dataclass
 class PirlConfig:
+    # what is learned (README, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
+    # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4)
+    method: str = "pirl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
 
 
 class ConfigError(ValueError):
@@ -119,18 +138,19 @@ def _overrides_to_dotlist(overrides: Sequence[str]) -> list[str]:
     return dotlist
 
 
-def load_config(schema: type, config_path: str | None, overrides: Sequence[str]) -> Any:
-    """Defaults from `schema`, then the YAML file, then the overrides; returns a `schema` instance."""
+def load_config(schema: type, config_path: str | Sequence[str] | None, overrides: Sequence[str]) -> Any:
+    """Defaults from `schema`, then the YAML file(s) in order (a recipe, then e.g. a method's few keys), then the
+    overrides; returns a `schema` instance."""
+    paths = [] if config_path is None else [config_path] if isinstance(config_path, (str, Path)) else list(config_path)
     merged = OmegaConf.structured(schema)
     try:
-        if config_path is not None:
-            path = Path(config_path)
+        for path in map(Path, paths):
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_overrides_to_dotlist(overrides)))
     except OmegaConfBaseException as exc:
-        where = f" (in {config_path} or the command line)" if config_path else ""
+        where = f" (in {', '.join(map(str, paths))} or the command line)" if paths else ""
         raise ConfigError(f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}{where}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
@@ -154,7 +174,9 @@ def parse_args(
         allow_abbrev=False,  # `--res` must not silently mean `--resume`
         epilog="Any config value can be overridden as --section.key=value, e.g. --optim.lr=0.3 --data.batch_size=64.",
     )
-    parser.add_argument("--config", help="YAML file of overrides (see train/configs/)")
+    parser.add_argument("--config", action="append",
+                        help="YAML file of overrides (see train/configs/); repeat to layer files, later ones win "
+                             "(e.g. a recipe, then train/configs/methods/jigsaw.yaml)")
     if resumable:
         parser.add_argument(
             "--resume",

@@ -1,7 +1,8 @@
 """PIRL pretraining: `accelerate launch train/pirl.py --config train/configs/NAME.yaml [--section.key=value ...]`.
 
 One loop, top to bottom: set-up, then for each step: data, forward, negatives from the memory bank, loss,
-backward, optimiser step, bank update. Host syncs (`.item()`) happen on log steps only.
+backward, optimiser step, bank update. Host syncs (`.item()`) happen on log steps only. The baselines (`method`:
+npid, jigsaw, rotation; train/methods.py) run through the same loop; the classification ones skip the bank.
 """
 from __future__ import annotations
 
@@ -17,16 +18,18 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 import pipelines
+from model.covariant import classification_loss
 from model.losses import negative_similarities, pirl_loss
 from model.memory_bank import MemoryBank
 from model.sharded_bank import ShardedMemoryBank
-from model.pirl import PIRLNet
 from model.sync_batchnorm import convert_sync_batchnorm
 from pipelines.augment import KERNEL_CHOICES, BatchAugment
 from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from pipelines.shard_index import data_files, verify_checksums
 from train import checkpoint
 from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
+from train.knn_monitor import KnnMonitor
+from train.methods import CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, unused_parameters
 from train.preemption import StopOnSigterm
 from train.ranks import gather_rows, global_index, global_log_z
 from train.run_log import RunLog
@@ -125,6 +128,51 @@ def patch_orders(seed: int, step: int, index: torch.Tensor, num_patches: int) ->
     return counter_uniform(derive_seed(PURPOSE_HEADS, seed, step), index, num_patches).argsort(dim=1)
 
 
+def contrastive_losses(cfg: PirlConfig, net, bank, image, patches, host_index, index, step: int, autocast,
+                       accelerator: Accelerator, loader, log_z: torch.Tensor, need_log_z: bool):
+    """PIRL's (or NPID++'s) step up to the loss: forward, negatives from the bank, eq. 5. Returns (losses, log_z)
+    with losses["f_img"] the detached image embeddings for the bank update."""
+    npid = cfg.method == "npid"
+    order = None
+    if not npid:
+        order = patch_orders(cfg.run.seed, step, host_index, cfg.data.recipe.view_tiles)
+        order = order.to(image.device, non_blocking=True)
+    with autocast:
+        f_img, g_jig = net(image, None if npid else patches, patch_order=order)  # (B, 128) each, unit norm
+    f_img = f_img.float()
+    g_jig = None if g_jig is None else g_jig.float()
+    with record_function("negatives_draw"):
+        # A function of (seed, step, global index), or for a shared draw of the global batch: the same
+        # negatives whatever the rank or the process count.
+        shared = cfg.loss.shared_negatives
+        exclude = global_index(accelerator, index, loader.max_batch_size) if shared else None
+        neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=shared,
+                                       seed=cfg.run.seed, step=step, exclude=exclude)
+    bank_pos = bank.fetch(index)  # (B, 128): m_I
+    bank_neg = bank.negatives(neg_rows)  # m_I': rows and ids, never a (B, K, 128) copy where avoidable
+    if need_log_z:
+        with torch.no_grad():
+            pos = (f_img * bank_pos).sum(-1)
+            neg = negative_similarities(f_img.unsqueeze(0), bank_neg)[0]
+            log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
+    with record_function("loss"):
+        losses = pirl_loss(
+            bank_pos, g_jig, f_img, bank_neg,
+            lam=0.0 if npid else cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
+            log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
+        )
+    losses["f_img"] = f_img.detach()
+    return losses, log_z
+
+
+def build_knn_monitor(cfg: PirlConfig) -> KnnMonitor:
+    """knn.*: the monitor's two eval loaders, built once (a bad path fails before the first step)."""
+    k = cfg.knn
+    return KnnMonitor(k.train_shards or cfg.data.shards, k.test_shards, cfg.data.recipe, backend=cfg.data.backend,
+                      batch_size=k.batch_size, num_workers=cfg.data.num_workers, k=k.k, temperature=k.temperature,
+                      max_train=k.max_train or None, max_test=k.max_test or None)
+
+
 @torch.no_grad()
 def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator: Accelerator) -> None:
     """Fill every bank row with f(v_I) of the initial network on the centre-cropped image.
@@ -166,10 +214,13 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         raise ConfigError(f"loss.bank_dtype must be one of {tuple(BANK_DTYPES)}, got {cfg.loss.bank_dtype!r}")
     if cfg.data.max_skipped_per_epoch < 0:
         raise ConfigError(f"data.max_skipped_per_epoch must be >= 0, got {cfg.data.max_skipped_per_epoch}")
+    check_method(cfg)
+    if cfg.knn.every < 0 or (cfg.knn.every > 0 and not cfg.knn.test_shards):
+        raise ConfigError(f"knn.every must be >= 0 and, when > 0, knn.test_shards set (got every={cfg.knn.every}, "
+                          f"test_shards={cfg.knn.test_shards!r})")
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
-    # With lambda at 0 or 1 one head gets no gradient, which DDP must be told about.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loss.lam in (0.0, 1.0))
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=unused_parameters(cfg))
     accelerator = Accelerator(cpu=cfg.run.cpu, kwargs_handlers=[ddp])
     device = accelerator.device
     out_dir = Path(cfg.run.out_dir)
@@ -183,12 +234,13 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     global_batch = cfg.data.batch_size * accelerator.num_processes
 
     augment = build_augment(cfg)
-    net = PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=cfg.data.recipe.view_tiles)
+    contrastive = cfg.method in CONTRASTIVE
+    net = build_net(cfg)
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         net = convert_sync_batchnorm(net, device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    bank = build_bank(cfg, loader.num_samples, device)
+    bank = build_bank(cfg, loader.num_samples, device) if contrastive else None
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -217,15 +269,19 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 f"processes), this run has {global_batch}: steps, epochs and the learning-rate schedule now count "
                 f"in batches of {global_batch}; keep world_size x data.batch_size to continue the same run"
             )
+        trained = state["config"].get("method", "pirl")
+        if trained != cfg.method:
+            raise ValueError(f"{path} was trained with method={trained}, this run has method={cfg.method}")
         net.load_state_dict(state["model"])
-        bank.load_state_dict(state["bank"])
+        if bank is not None:
+            bank.load_state_dict(state["bank"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log_z = state["log_z"]
         global_step = state["step"]
         checkpoint.restore_rng_state(state["rng"])
         accelerator.print(f"resumed from {path} at step {global_step}")
-    elif cfg.loss.bank_init == "features":
+    elif contrastive and cfg.loss.bank_init == "features":
         init_bank_from_features(net.to(device), bank, cfg, accelerator)
 
     net, optimizer = accelerator.prepare(net, optimizer)
@@ -238,7 +294,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
 
     def save(step: int) -> None:
         accelerator.wait_for_everyone()
-        bank_state = bank.state_dict()  # collective for a sharded bank: every rank calls it, rank 0 gets the rows
+        # collective for a sharded bank: every rank calls it, rank 0 gets the rows
+        bank_state = bank.state_dict() if bank is not None else None
         if accelerator.is_main_process:
             state = {
                 "model": accelerator.unwrap_model(net).state_dict(),
@@ -263,7 +320,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16)
     # Means over the log window; pos_/neg_ are the cosine similarities to m_I and to the bank negatives m_I'.
-    window = {"loss": 0.0, "loss_jigsaw": 0.0, "loss_image": 0.0, "pos_image": 0.0, "neg_image": 0.0}
+    window = dict.fromkeys(LOG_TERMS[cfg.method], 0.0)
+    knn = build_knn_monitor(cfg) if cfg.knn.every > 0 and accelerator.is_main_process else None
+    postfix: dict = {}
     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
     record: dict = {}
     net.train()
@@ -292,32 +351,15 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     if cfg.run.channels_last:
                         image = image.contiguous(memory_format=torch.channels_last)
 
-                order = patch_orders(cfg.run.seed, global_step, batch["index"], cfg.data.recipe.view_tiles)
-                order = order.to(device, non_blocking=True)
-                with autocast:
-                    f_img, g_jig = net(image, patches, patch_order=order)  # (B, 128) each, unit norm
-                f_img, g_jig = f_img.float(), g_jig.float()
-                with record_function("negatives_draw"):
-                    # A function of (seed, step, global index), or for a shared draw of the global batch: the same
-                    # negatives whatever the rank or the process count.
-                    shared = cfg.loss.shared_negatives
-                    exclude = global_index(accelerator, index, loader.max_batch_size) if shared else None
-                    neg_rows = bank.draw_negatives(index, cfg.loss.num_negatives, shared=shared,
-                                                   seed=cfg.run.seed, step=global_step, exclude=exclude)
-                bank_pos = bank.fetch(index)  # (B, 128): m_I
-                bank_neg = bank.negatives(neg_rows)  # m_I': rows and ids, never a (B, K, 128) copy where avoidable
-                if need_log_z:
-                    with torch.no_grad():
-                        pos = (f_img * bank_pos).sum(-1)
-                        neg = negative_similarities(f_img.unsqueeze(0), bank_neg)[0]
-                        log_z = global_log_z(accelerator, pos, neg, cfg.loss.tau, loader.num_samples)
+                if contrastive:
+                    losses, log_z = contrastive_losses(cfg, net, bank, image, patches, batch["index"], index,
+                                                       global_step, autocast, accelerator, loader, log_z, need_log_z)
                     need_log_z = False
-                with record_function("loss"):
-                    losses = pirl_loss(
-                        bank_pos, g_jig, f_img, bank_neg,
-                        lam=cfg.loss.lam, tau=cfg.loss.tau, kind=cfg.loss.kind,
-                        log_z=log_z if cfg.loss.kind == "nce" else None, num_data=loader.num_samples,
-                    )
+                else:
+                    target = covariant_target(cfg, global_step, epoch, index)
+                    with autocast:
+                        logits = net(patches, target if cfg.method == "jigsaw" else None)
+                    losses = classification_loss(logits, target)
                 # This rank's share of the global batch (host numbers: no communication); 1 on one process. A
                 # corrupt sample left out here counts out of the total; one left out on another rank does not.
                 share = len(batch["index"]) / (loader.global_batch_size(step_in_epoch) - loader.batch_skipped)
@@ -327,9 +369,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 with record_function("optimizer"):
                     optimizer.step()
                     scheduler.step()
-                with record_function("bank_update"):
-                    rows, feats = gather_rows(accelerator, index, f_img.detach(), loader.max_batch_size)
-                    bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+                if contrastive:
+                    with record_function("bank_update"):
+                        rows, feats = gather_rows(accelerator, index, losses["f_img"], loader.max_batch_size)
+                        bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
 
                 global_step += 1
                 step_in_epoch += 1
@@ -349,12 +392,21 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     record["data_wait_frac"] = data_wait / elapsed
                     if run_log is not None:
                         run_log.write(record)
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                        data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped,
-                    )
+                    postfix = dict(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
+                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped)
+                    progress.set_postfix(postfix)
                     window = {k: 0.0 for k in window}
                     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+                if cfg.knn.every > 0 and (global_step % cfg.knn.every == 0 or global_step == last_step):
+                    knn_start = time.perf_counter()
+                    if knn is not None:  # the main process evaluates, the others wait
+                        with record_function("knn"):
+                            result = knn.evaluate(accelerator.unwrap_model(net).trunk, device)
+                        run_log.write({"step": global_step, "epoch": epoch, **result})
+                        postfix["knn"] = f"{result['knn_top1']:.1f}%"
+                        progress.set_postfix(postfix)
+                    accelerator.wait_for_everyone()
+                    window_start += time.perf_counter() - knn_start  # not counted as training time
                 progress.update(1)
                 if profiler is not None:
                     profiler.step()

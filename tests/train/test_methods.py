@@ -1,0 +1,102 @@
+"""The baselines as config values: one loop, the same pipelines; each method's objective and targets."""
+import json
+
+import pytest
+import torch
+
+import pipelines
+from pipelines import batch as B
+from pipelines.augment import BatchAugment
+from tests.train.conftest import tiny_overrides
+from train import checkpoint, linear_probe, pirl
+from train.config import ConfigError, PirlConfig, load_config
+from train.methods import covariant_target
+
+METHOD_CONFIGS = "train/configs/methods"
+
+
+def run(shards, out_dir, method, *extra):
+    return pirl.main(["--config", f"{METHOD_CONFIGS}/{method}.yaml", *tiny_overrides(shards, out_dir),
+                      "--run.max_steps=3", *extra])
+
+
+@pytest.mark.parametrize("method, terms", [
+    ("npid", {"loss", "loss_image", "pos_image", "neg_image"}),
+    ("jigsaw", {"loss", "accuracy"}),
+    ("rotation", {"loss", "accuracy"}),
+    ("pirl_rotation", {"loss", "loss_jigsaw", "loss_image", "pos_image", "neg_image"}),
+])
+def test_each_method_trains_logs_its_terms_and_its_trunk_is_probed(synthetic_shards, tmp_path, method, terms):
+    record = run(synthetic_shards, tmp_path / "run", method)
+    assert terms <= set(record) and all(torch.isfinite(torch.tensor(record[t])) for t in terms)
+    assert not ({"loss_jigsaw", "accuracy", "loss_image"} - terms) & set(record)  # no other method's terms
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
+    assert state["config"]["method"] == ("pirl" if method == "pirl_rotation" else method)
+    assert (state["bank"] is None) == (method in ("jigsaw", "rotation"))
+    result = linear_probe.main([f"--checkpoint={checkpoint.latest_checkpoint(tmp_path / 'run')}",
+                                f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}",
+                                "--num_workers=0", "--epochs=2", "--layers=[res5]"])
+    assert 0.0 <= result["top1"] <= 100.0
+
+
+def test_jigsaw_classifies_the_permutation_drawn_per_sample(synthetic_shards, tmp_path):
+    cfg = load_config(PirlConfig, f"{METHOD_CONFIGS}/jigsaw.yaml", tiny_overrides(synthetic_shards, tmp_path))
+    index = torch.tensor([3, 7, 11, 2])
+    ids = covariant_target(cfg, 5, 0, index)
+    assert ids.min() >= 0 and ids.max() < cfg.model.num_permutations
+    # a function of (seed, step, global index): the same in another batch, different at another step
+    assert torch.equal(covariant_target(cfg, 5, 0, index[[2, 0]]), ids[[2, 0]])
+    assert not torch.equal(covariant_target(cfg, 6, 0, index), ids)
+
+
+def test_rotation_target_is_the_turn_the_batched_stage_applied(synthetic_shards, tmp_path):
+    """With the colour jitter off, turning It back by its target gives the loader's unrotated view."""
+    overrides = [*tiny_overrides(synthetic_shards, tmp_path), "--data.recipe.jitter_p=0", "--data.recipe.grayscale_p=0"]
+    cfg = load_config(PirlConfig, f"{METHOD_CONFIGS}/rotation.yaml", overrides)
+    r = cfg.data.recipe
+    loader = pipelines.make_loader("reference", str(synthetic_shards), r, batch_size=16, num_workers=0)
+    loader.set_epoch(2)
+    raw = next(iter(loader))
+    out = BatchAugment(r, seed=cfg.run.seed)(raw, epoch=2)
+    target = covariant_target(cfg, 0, 2, raw[B.INDEX])
+    assert set(target.tolist()) > {0}  # several turns in one batch
+    mean, std = torch.tensor(r.mean).view(3, 1, 1), torch.tensor(r.std).view(3, 1, 1)
+    plain = (raw[B.PATCHES][:, 0].float() / 255 - mean) / std
+    for b, turns in enumerate(target.tolist()):
+        back = torch.rot90(out[B.PATCHES][b, 0], -turns, dims=(-2, -1))
+        assert torch.allclose(back, plain[b], atol=1e-5), (b, turns)
+
+
+@pytest.mark.parametrize("method, view", [("jigsaw", "rotation"), ("rotation", "jigsaw"), ("jigsaw", "rotation_jigsaw")])
+def test_a_view_the_method_cannot_learn_from_is_a_config_error(synthetic_shards, tmp_path, method, view, capsys):
+    with pytest.raises(ConfigError, match=f"method={method} learns from the"):
+        run(synthetic_shards, tmp_path, method, f"--data.recipe.jigsaw_view={view}")
+    with pytest.raises(ConfigError, match="method must be one of"):
+        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--method=simclr"])
+
+
+def test_resuming_with_another_method_is_refused(synthetic_shards, tmp_path):
+    run(synthetic_shards, tmp_path / "run", "npid")
+    with pytest.raises(ValueError, match="trained with method=npid, this run has method=jigsaw"):
+        pirl.main(["--config", f"{METHOD_CONFIGS}/jigsaw.yaml", *tiny_overrides(synthetic_shards, tmp_path / "run"),
+                   "--resume"])
+
+
+def test_knn_monitor_logs_every_n_steps_and_shows_in_the_progress_line(synthetic_shards, tmp_path, capsys):
+    run(synthetic_shards, tmp_path / "run", "pirl", "--knn.every=2", f"--knn.test_shards={synthetic_shards}",
+        "--run.max_steps=4")
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 4]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 and r["knn_k"] == 20 for r in knn)
+    assert "knn=" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="knn.test_shards"):
+        run(synthetic_shards, tmp_path / "bad", "pirl", "--knn.every=2")
+
+
+def test_config_files_layer_in_order(tmp_path):
+    base, top = tmp_path / "base.yaml", tmp_path / "top.yaml"
+    base.write_text("data:\n  batch_size: 64\n  num_workers: 3\n")
+    top.write_text("method: jigsaw\ndata:\n  batch_size: 16\n")
+    cfg = load_config(PirlConfig, [str(base), str(top)], ["--data.shards=/s", "--data.num_workers=1"])
+    assert (cfg.method, cfg.data.batch_size, cfg.data.num_workers) == ("jigsaw", 16, 1)

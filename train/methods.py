@@ -1,0 +1,71 @@
+"""What each method (config `method`) trains: its network, its per-step targets and the terms it logs.
+
+One training loop (train/pirl.py) runs them all on the same pipelines and schedule, so a comparison between
+methods differs in the objective only (paper section 3's baselines):
+- pirl: eq. 5, the image view and It against a memory bank (PIRL-Jigsaw, or PIRL-Rotation with
+  data.recipe.jigsaw_view=rotation, or both with rotation_jigsaw);
+- npid: NPID++, eq. 5 with lambda = 0: the image view alone against the bank (loss.lam is not read);
+- jigsaw: which of model.num_permutations fixed permutations shuffled It's patches (Noroozi & Favaro 2016);
+- rotation: by how many quarter turns It was rotated (Gidaris et al. 2018).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model.covariant import CovariantNet, draw_permutation_ids
+from model.pirl import PIRLNet
+from pipelines.augment import draw_params
+from train.config import ConfigError, PirlConfig
+
+METHODS = ("pirl", "npid", "jigsaw", "rotation")
+CONTRASTIVE = ("pirl", "npid")  # a memory bank and the NCE loss; the others classify and need no bank
+# The view each classification method reads: its target is what was done to It.
+COVARIANT_VIEWS = {"jigsaw": "jigsaw", "rotation": "rotation"}
+# Logged means per method (log.jsonl, TensorBoard, the progress line shows `loss`).
+LOG_TERMS = {
+    "pirl": ("loss", "loss_jigsaw", "loss_image", "pos_image", "neg_image"),
+    "npid": ("loss", "loss_image", "pos_image", "neg_image"),
+    "jigsaw": ("loss", "accuracy"),
+    "rotation": ("loss", "accuracy"),
+}
+
+
+def check_method(cfg: PirlConfig) -> None:
+    """ConfigError for an unknown method or a recipe whose It view the method cannot learn from."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    view = cfg.data.recipe.jigsaw_view
+    wanted = COVARIANT_VIEWS.get(cfg.method)
+    if wanted is not None and view != wanted:
+        # rotation_jigsaw moves the tiles between cells: the permutation label would no longer be the truth.
+        raise ConfigError(f"method={cfg.method} learns from the {wanted!r} view: set data.recipe.jigsaw_view="
+                          f"{wanted} (got {view!r}; train/configs/methods/{cfg.method}.yaml does)")
+    if cfg.method == "jigsaw" and cfg.model.num_permutations < 2:
+        raise ConfigError(f"model.num_permutations must be >= 2, got {cfg.model.num_permutations}")
+
+
+def build_net(cfg: PirlConfig) -> nn.Module:
+    """PIRLNet for the contrastive methods, the trunk + a classifier for the others; the trunk is `trunk` in
+    both, so the linear probe, the kNN monitor and tools/export.py read every method's checkpoint."""
+    tiles = cfg.data.recipe.view_tiles
+    if cfg.method in CONTRASTIVE:
+        return PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=tiles)
+    return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles)
+
+
+def unused_parameters(cfg: PirlConfig) -> bool:
+    """Whether a head gets no gradient (DDP must be told): NPID++ never calls g, and lambda 0 or 1 drops a term."""
+    return cfg.method == "npid" or (cfg.method == "pirl" and cfg.loss.lam in (0.0, 1.0))
+
+
+def covariant_target(cfg: PirlConfig, step: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 class of each sample for jigsaw / rotation, on index's device.
+
+    jigsaw: a permutation id per (seed, step, global index), which CovariantNet applies to the patch features
+    (the same as shuffling the patches: the trunk sees each patch alone). rotation: the quarter turns the
+    batched stage applied to It, recomputed from its own draw (seed, epoch, global index).
+    """
+    if cfg.method == "jigsaw":
+        return draw_permutation_ids(cfg.run.seed, step, index, cfg.model.num_permutations)
+    return draw_params(cfg.data.recipe, cfg.run.seed, epoch, index.cpu()).view_rotation.to(index.device)
