@@ -1,0 +1,174 @@
+"""The paper's comparison at small scale: every method pretrained with the same recipe and budget, each trunk's
+linear probe per layer under both BatchNorm protocols, against the best random-init probe; a table and a PNG.
+
+    python tools/paper_table.py --data ../shared/data/imagenette --out runs/paper_table \
+        [--config train/configs/imagenette_cpu.yaml] [--methods pirl,npid,jigsaw,rotation,pirl_rotation] \
+        [--epochs 8] [--workers 2] [--set optim.lr=0.5 ...]
+
+--data holds train/ and test/ class folders (or is a folder of shards made by tools/make_shards.py with train/ and
+test/ inside). Each method trains with `--config CONFIG --config train/configs/methods/METHOD.yaml` plus the
+given epochs, so the methods differ in their objective only. Finished runs and probes are reused on a re-run
+(delete the method's folder to redo it). Writes OUT/results.json, OUT/table.md and OUT/table.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import tools  # noqa: F401  (takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`)
+
+from train import checkpoint, linear_probe, pirl
+from train.config import PirlConfig, load_config
+from tools.make_shards import build_shards
+from tools.shard_manifest import MANIFEST_NAME
+
+METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation")
+METHOD_DIR = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "imagenette_cpu.yaml"
+PROTOCOLS = {"precise": True, "running": False}  # linear_probe's precise_bn per protocol name
+# The paper's ImageNet linear-probe top-1 (ResNet-50, best layer), kept beside ours in results.json.
+PAPER_TOP1 = {"pirl": 63.6, "npid": 59.0, "jigsaw": 45.7}
+
+
+def shards_for(data: Path, out: Path, split: str, workers: int) -> Path:
+    """data/split as shards: used as they are when they are shards, made once into out/shards/split otherwise."""
+    if (data / split / MANIFEST_NAME).is_file():
+        return data / split
+    target = out / "shards" / split
+    if not (target / MANIFEST_NAME).is_file():
+        build_shards(data / split, target, workers=workers, show_progress=True)
+    return target
+
+
+def pretrain(method: str, config: Path, train: Path, out: Path, epochs: int, workers: int, extra: list[str]) -> dict:
+    """Train `method` (or reuse a finished run); returns its checkpoint, minutes and last logged record."""
+    run_dir = out / method
+    done = run_dir / "pretrain.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    overrides = [f"--data.shards={train}", f"--run.out_dir={run_dir}", f"--optim.epochs={epochs}",
+                 f"--data.num_workers={workers}", *extra]
+    configs = ["--config", str(config), "--config", str(METHOD_DIR / f"{method}.yaml")]
+    print(f"\n== pretraining {method}: accelerate launch train/pirl.py {' '.join(configs + overrides)}", flush=True)
+    started = time.perf_counter()
+    record = pirl.main([*configs, *overrides])
+    result = {"checkpoint": str(checkpoint.latest_checkpoint(run_dir)), "minutes": (time.perf_counter() - started) / 60,
+              "last_record": record}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def probe(name: str, trunk_args: list[str], train: Path, test: Path, out: Path, workers: int) -> dict:
+    """Both protocols' per-layer probes of one trunk (cached in out/name/probe_PROTOCOL.json)."""
+    results = {}
+    for protocol, precise in PROTOCOLS.items():
+        path = out / name / f"probe_{protocol}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            linear_probe.main([*trunk_args, f"--train_shards={train}", f"--test_shards={test}",
+                               f"--precise_bn={str(precise).lower()}", f"--num_workers={workers}",
+                               f"--output={path}"])
+        results[protocol] = json.loads(path.read_text())
+    return results
+
+
+def summarise(probes: dict[str, dict], pretraining: dict[str, dict]) -> dict:
+    """Per method: best layer per protocol, the worse protocol's best (a gain must hold under both), and its
+    margin over the best random-init probe (over both protocols)."""
+    random_best = max(p["top1"] for p in probes["random_init"].values())
+    rows = {}
+    for name, by_protocol in probes.items():
+        worst = min(p["top1"] for p in by_protocol.values())
+        rows[name] = {
+            "per_layer": {protocol: p["per_layer"] for protocol, p in by_protocol.items()},
+            "best": {protocol: {"top1": p["top1"], "layer": p["best_layer"]} for protocol, p in by_protocol.items()},
+            "worse_protocol_top1": worst,
+            "margin_over_random": worst - random_best,
+            "pretrain_minutes": pretraining.get(name, {}).get("minutes"),
+            "paper_imagenet_top1": PAPER_TOP1.get(name),
+        }
+    return {"random_init_best": random_best, "methods": rows}
+
+
+def markdown(summary: dict) -> str:
+    layers = list(next(iter(summary["methods"].values()))["per_layer"]["precise"])
+    head = ["method", *[f"{layer} (precise / running)" for layer in layers], "best, worse protocol",
+            "vs best random", "pretrain min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary["methods"].items():
+        cells = [name]
+        for layer in layers:
+            cells.append(" / ".join(f"{row['per_layer'][p][layer]:.1f}" for p in PROTOCOLS))
+        cells.append(f"{row['worse_protocol_top1']:.1f}")
+        cells.append("—" if name == "random_init" else f"{row['margin_over_random']:+.1f}")
+        cells.append("—" if row["pretrain_minutes"] is None else f"{row['pretrain_minutes']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    layers = list(summary["methods"][names[0]]["per_layer"]["precise"])
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(5 * len(PROTOCOLS), 4), sharey=True)
+    width = 0.8 / len(names)
+    for ax, protocol in zip(axes, PROTOCOLS):
+        for j, name in enumerate(names):
+            values = [summary["methods"][name]["per_layer"][protocol][layer] for layer in layers]
+            ax.bar([i + j * width for i in range(len(layers))], values, width, label=name)
+        ax.axhline(summary["random_init_best"], color="black", linestyle="--", linewidth=1,
+                   label=f"best random init ({summary['random_init_best']:.1f})")
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(layers))], layers)
+        ax.set_title(f"linear probe, {protocol} BatchNorm statistics", fontsize=9)
+        ax.set_ylabel("top-1 (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder with train/ and test/ (class folders or shards)")
+    parser.add_argument("--out", default="runs/paper_table")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the recipe every method shares")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--epochs", type=int, default=8, help="pretraining epochs, the same for every method")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every method's pretraining, e.g. optim.lr=0.5")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = (shards_for(data, out, split, args.workers) for split in ("train", "test"))
+    extra = [f"--{item}" for item in args.set]
+
+    pretraining = {m: pretrain(m, Path(args.config), train, out, args.epochs, args.workers, extra) for m in methods}
+    cfg = load_config(PirlConfig, args.config, [f"--data.shards={train}", *extra])
+    probes = {"random_init": probe("random_init", [f"--arch={cfg.model.arch}",
+                                                   f"--image_size={cfg.data.recipe.image_size}"],
+                                   train, test, out, args.workers)}
+    for m in methods:
+        probes[m] = probe(m, [f"--checkpoint={pretraining[m]['checkpoint']}"], train, test, out, args.workers)
+    summary = summarise(probes, pretraining)
+    summary["command"] = {"config": args.config, "epochs": args.epochs, "set": args.set, "methods": methods}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(markdown(summary))
+    plot(summary, out / "table.png")
+    print("\n" + markdown(summary))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'table.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
