@@ -1,9 +1,15 @@
 """The main job on the embedded default, end to end on CPU, no download:
 
     synthetic images -> tools/make_shards.py -> train/pirl.py (a few minutes) -> checkpoint
-    -> train/linear_probe.py on the PIRL trunk and on a random-init trunk -> top-1 of both printed.
+    -> train/linear_probe.py (res2..res5, best layer) on the PIRL trunk and on a random-init trunk, each under both
+    BatchNorm protocols (precise and running statistics) -> per-layer table, final line, summary.json, summary.png.
 
-    python tools/demo.py [--out runs/demo] [--per-class 60] [--epochs 8]
+    python tools/demo.py [--out runs/demo] [--per-class 60] [--epochs 8] [--knn-every 20]
+
+summary.json: pirl_top1 = the worse of PIRL's two protocols, random_init_top1 = the better of random init's two
+(the claim "PIRL learns" needs the first above the second), margin, and every probe's per-layer top-1.
+summary.png: the loss over steps (from the run's log.jsonl), the kNN curve against the random-init value when
+--knn-every is set, and the best-layer probe top-1 of both trunks per protocol.
 
 The steps call the same entry points as their command lines (printed as they run). Data: tools/synthetic_data.py.
 """
@@ -43,6 +49,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="synthetic training images per class (10 classes)")
     parser.add_argument("--epochs", type=int, default=8, help="PIRL epochs over the synthetic training set")
     parser.add_argument("--workers", type=int, default=2, help="shard-writer processes and DataLoader workers")
+    parser.add_argument("--knn-every", type=int, default=0,
+                        help="kNN monitor every N steps (res5, test images) drawn against the random-init value; 0 = off")
     args = parser.parse_args()
     out = Path(args.out)
     prepare_out(out)
@@ -62,31 +70,137 @@ def main() -> None:
     overrides = [
         f"--data.shards={out}/shards/train", f"--run.out_dir={run_dir}", f"--optim.epochs={args.epochs}",
         f"--data.num_workers={args.workers}",
+        # the config's 512 negatives need > 512 training images; a smaller --per-class draws all the others
+        f"--loss.num_negatives={min(512, 10 * args.per_class - 1)}",
     ]
+    if args.knn_every > 0:
+        overrides += [f"--knn.every={args.knn_every}", f"--knn.test_shards={out}/shards/test"]
     step("3. PIRL pretraining", f"accelerate launch train/pirl.py --config {CONFIG} {' '.join(overrides)}")
     pirl.main(["--config", str(CONFIG), *overrides])
 
     ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
     cfg = load_config(PirlConfig, str(CONFIG), overrides)
     random_trunk = [f"--arch={cfg.model.arch}", f"--image_size={cfg.data.recipe.image_size}"]
-    results = {}
+    # Both BatchNorm protocols for both trunks: "precise" re-estimates the statistics on the probe's training
+    # images, "running" keeps the trunk's own (a random trunk's are mean 0 / variance 1, which happens to suit
+    # it). The claim "PIRL learns" compares PIRL's worse protocol against random init's better one.
+    results: dict[str, dict[str, dict]] = {"pirl": {}, "random_init": {}}
     for name, trunk in (("pirl", [f"--checkpoint={ckpt}"]), ("random_init", random_trunk)):
-        probe_args = [
-            *trunk, f"--train_shards={out}/shards/train", f"--test_shards={out}/shards/test",
-            f"--output={out}/probe_{name}.json", f"--num_workers={args.workers}",
-        ]
-        step(f"4. linear probe ({name})", f"python train/linear_probe.py {' '.join(probe_args)}")
-        results[name] = linear_probe.main(probe_args)
+        for bn, precise in PROTOCOLS.items():
+            probe_args = [
+                *trunk, f"--train_shards={out}/shards/train", f"--test_shards={out}/shards/test",
+                f"--output={out}/probe_{name}_{bn}.json", f"--num_workers={args.workers}", f"--precise_bn={precise}",
+            ]
+            step(f"4. linear probe ({name}, {bn} BN)", f"python train/linear_probe.py {' '.join(probe_args)}")
+            results[name][bn] = linear_probe.main(probe_args)
 
+    knn_random = None
+    if args.knn_every > 0:
+        # the random-init trunk's kNN top-1 (its running statistics, as the monitor uses): the curve's baseline
+        knn_random = random_init_knn(cfg, out)["knn_top1"]
+
+    pirl_top1 = min(r["top1"] for r in results["pirl"].values())
+    random_top1 = max(r["top1"] for r in results["random_init"].values())
     summary = {
-        "pirl_top1": results["pirl"]["top1"],
-        "random_init_top1": results["random_init"]["top1"],
+        "pirl_top1": pirl_top1,  # the worse of PIRL's two BatchNorm protocols
+        "random_init_top1": random_top1,  # the better of the random-init trunk's two
+        "margin": pirl_top1 - random_top1,
+        "probes": {
+            name: {bn: {"top1": r["top1"], "best_layer": r["best_layer"], "per_layer": r["per_layer"]}
+                   for bn, r in by_bn.items()}
+            for name, by_bn in results.items()
+        },
+        "knn_random_init_top1": knn_random,
         "checkpoint": str(ckpt),
         "minutes": (time.perf_counter() - started) / 60,
     }
+    png = out / "summary.png"
+    summary["plot"] = str(png)
+    plot_summary(run_dir / "log.jsonl", summary, png)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nlinear-probe top-1 on synthetic test images: PIRL {summary['pirl_top1']:.1f}% vs "
-          f"random init {summary['random_init_top1']:.1f}% ({summary['minutes']:.1f} min; {out}/summary.json)")
+
+    print("\nlinear-probe top-1 per layer (held-out synthetic test images):")
+    print(f"  {'trunk':<12}{'BN':<9}" + "".join(f"{layer:>8}" for layer in linear_probe.STAGES) + "    best")
+    for name, by_bn in results.items():
+        for bn, r in by_bn.items():
+            cells = "".join(f"{r['per_layer'].get(layer, float('nan')):>7.1f}%" for layer in linear_probe.STAGES)
+            print(f"  {name:<12}{bn:<9}{cells}  {r['top1']:5.1f}% ({r['best_layer']})")
+    pirl_p, pirl_r = (results["pirl"][bn]["top1"] for bn in PROTOCOLS)
+    print(f"\nlinear-probe top-1 (best layer) on held-out synthetic images: PIRL {pirl_p:.1f}% (precise BN) / "
+          f"{pirl_r:.1f}% (running BN) vs random init best {random_top1:.1f}%: {summary['margin']:+.1f} points "
+          f"({summary['minutes']:.1f} min; {out}/summary.json)")
+    print(f"plot: {png}")
+
+
+PROTOCOLS = {"precise": "true", "running": "false"}  # probe BatchNorm protocol -> --precise_bn
+
+
+def random_init_knn(cfg: PirlConfig, out: Path) -> dict:
+    """The kNN monitor's number for the random-init trunk (same seed as the probe's random trunk)."""
+    import torch
+
+    from model.trunk import build_trunk
+    from train.knn_monitor import KnnMonitor
+
+    torch.manual_seed(0)
+    trunk, _ = build_trunk(cfg.model.arch)
+    k = cfg.knn
+    monitor = KnnMonitor(str(out / "shards" / "train"), str(out / "shards" / "test"), cfg.data.recipe,
+                         batch_size=k.batch_size, num_workers=cfg.data.num_workers, k=k.k, temperature=k.temperature)
+    return monitor.evaluate(trunk, "cpu")
+
+
+def plot_summary(log_path: Path, summary: dict, png: Path) -> None:
+    """Loss over steps (and the kNN curve against the random-init value when the monitor ran), and the
+    best-layer probe top-1 of PIRL vs random init per BatchNorm protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.run_log import read_jsonl
+
+    records = read_jsonl(log_path)
+    losses = [r for r in records if "loss" in r]
+    knn = [r for r in records if "knn_top1" in r]
+    fig, axes = plt.subplots(1, 3 if knn else 2, figsize=(15 if knn else 10, 4))
+    ax = axes[0]
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], marker=".", label="loss (eq. 5)")
+    for key in ("loss_image", "loss_jigsaw"):
+        if losses and key in losses[0]:
+            ax.plot([r["step"] for r in losses], [r[key] for r in losses], label=key, alpha=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("PIRL pretraining")
+    ax.legend()
+    if knn:
+        ax = axes[1]
+        ax.plot([0] + [r["step"] for r in knn], [summary["knn_random_init_top1"]] + [r["knn_top1"] for r in knn],
+                marker="o", label="PIRL trunk")
+        ax.axhline(summary["knn_random_init_top1"], color="grey", linestyle="--", label="random init")
+        ax.set_xlabel("step")
+        ax.set_ylabel("kNN top-1 (%), res5, test images")
+        ax.set_title("kNN monitor")
+        ax.legend()
+    ax = axes[-1]
+    probes = summary["probes"]
+    xs = range(len(PROTOCOLS))
+    width = 0.38
+    for offset, (name, colour) in zip((-width / 2, width / 2), (("pirl", "tab:blue"), ("random_init", "tab:grey"))):
+        tops = [probes[name][bn]["top1"] for bn in PROTOCOLS]
+        bars = ax.bar([x + offset for x in xs], tops, width, label=name, color=colour)
+        for bar, bn in zip(bars, PROTOCOLS):
+            ax.annotate(f"{bar.get_height():.1f}\n{probes[name][bn]['best_layer']}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [f"{bn} BN" for bn in PROTOCOLS])
+    ax.set_ylabel("linear-probe top-1 (%), best layer")
+    ax.set_title(f"PIRL {summary['pirl_top1']:.1f} vs random init {summary['random_init_top1']:.1f}: "
+                 f"{summary['margin']:+.1f} points", fontsize=10)
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

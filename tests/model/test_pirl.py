@@ -118,3 +118,51 @@ def test_rotation_view_uses_one_linear_head():
     assert g_rot.shape == (B, EMBED)
     expected = torch.nn.functional.normalize(linears[0](net.trunk(rotated[:, 0])), dim=1)
     torch.testing.assert_close(g_rot, expected)
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.startswith("trunk.") and ("running_" in k or "num_batches_tracked" in k)}
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_patch_pass_leaves_running_bn_stats_to_the_image(sync):
+    """Default: after a train-mode forward the trunk's running BatchNorm statistics are exactly those of the
+    image pass alone (the patches are normalised by their own batch statistics but do not update them), so an
+    evaluation on whole images sees statistics of whole images. patch_bn_stats=True keeps the old blend."""
+    from model.sync_batchnorm import _convert_to_gloo
+
+    image, patches = _inputs(3)
+    patches = patches * 3 + 1  # a distribution unlike the image's, so a blend would show
+
+    def fresh(**kw):
+        torch.manual_seed(0)
+        model = PIRLNet("resnet18", embed_dim=EMBED, **kw).train()
+        return _convert_to_gloo(model) if sync else model  # GlooSyncBatchNorm2d subclasses nn.BatchNorm2d
+
+    net = fresh()
+    before = _bn_buffers(net)
+    f_img, g_jig = net(image, patches, generator=torch.Generator().manual_seed(0))
+    after = _bn_buffers(net)
+
+    ref = fresh()
+    ref.trunk(image)  # the image pass alone
+    expected = _bn_buffers(ref)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the image pass did update them
+    for key, value in expected.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    assert all(m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+    # the patches were still normalised by their own batch statistics (train mode), as before the option
+    old = fresh(patch_bn_stats=True)
+    f_old, g_old = old(image, patches, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(f_img, f_old)
+    torch.testing.assert_close(g_jig, g_old)
+    blended = _bn_buffers(old)
+    assert any(not torch.equal(blended[k], expected[k]) for k in expected if "running_mean" in k)
+
+    # NPID++ (no patches) is unchanged
+    npid = fresh()
+    npid(image, None)
+    for key, value in expected.items():
+        torch.testing.assert_close(_bn_buffers(npid)[key], value, rtol=0, atol=0)
