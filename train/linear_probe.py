@@ -145,9 +145,10 @@ def recalibrate_batchnorm(trunk: torch.nn.Module, images: Iterable[torch.Tensor]
     """Replace BatchNorm running statistics by exact averages over `images`, model-ready float batches
     ("precise BN").
 
-    Pretraining pushes the 224 view and the 64 px patches through the same BatchNorm layers, so the
-    running statistics it leaves are a blend of two input distributions; a random trunk has none at all.
-    Re-estimating them on the probe's own training images puts both trunks on the same footing.
+    The running statistics a trunk brings were estimated on its pretraining inputs (the image view's random
+    crops for PIRL, whose patch pass does not update them; the patches alone for Jigsaw), and a random trunk has
+    none at all (mean 0, variance 1). Re-estimating them on the probe's own training images puts every trunk on
+    the same footing; the "running" protocol (precise_bn=False) keeps them.
     """
     norms = [m for m in trunk.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
