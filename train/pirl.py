@@ -323,6 +323,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     window = dict.fromkeys(LOG_TERMS[cfg.method], 0.0)
     knn = build_knn_monitor(cfg) if cfg.knn.every > 0 and accelerator.is_main_process else None
     postfix: dict = {}
+    knn_shown: dict = {}  # the last kNN top-1, kept in the progress line until the next evaluation
     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
     record: dict = {}
     net.train()
@@ -393,7 +394,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     if run_log is not None:
                         run_log.write(record)
                     postfix = dict(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped)
+                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped, **knn_shown)
                     progress.set_postfix(postfix)
                     window = {k: 0.0 for k in window}
                     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
@@ -403,8 +404,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                         with record_function("knn"):
                             result = knn.evaluate(accelerator.unwrap_model(net).trunk, device)
                         run_log.write({"step": global_step, "epoch": epoch, **result})
-                        postfix["knn"] = f"{result['knn_top1']:.1f}%"
-                        progress.set_postfix(postfix)
+                        knn_shown = {"knn": f"{result['knn_top1']:.1f}%"}
+                        progress.set_postfix({**postfix, **knn_shown})
                     accelerator.wait_for_everyone()
                     window_start += time.perf_counter() - knn_start  # not counted as training time
                 progress.update(1)
