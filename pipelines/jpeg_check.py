@@ -10,7 +10,7 @@ What it cannot see: damage inside the entropy-coded data (flipped bits decode to
 decoder fail; the reference and FFCV backends then skip the sample too).
 """
 
-from pipelines.limits import MAX_DECODE_PIXELS
+from pipelines.limits import too_many_pixels
 
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they hold the size.
@@ -66,9 +66,9 @@ def jpeg_problem(data) -> str | None:
     height, width = size
     if height == 0 or width == 0:
         return f"its frame header claims {width}x{height} pixels"
-    if height * width > MAX_DECODE_PIXELS:
-        return (f"its header claims {width}x{height} = {height * width:,} pixels, more than {MAX_DECODE_PIXELS:,}: "
-                "refused as a decompression bomb")
+    bomb = too_many_pixels(height, width)
+    if bomb is not None:
+        return bomb
     if data.rfind(b"\xff\xd9", pos) < 0:
         return "truncated (no end-of-image marker after its image data)"
     return None

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipelines import batch as B
 from pipelines.geometry import SampleGeometry, cut_patches, dct_reduction, draw_sample_geometry
-from pipelines.limits import MAX_DECODE_PIXELS
+from pipelines.limits import too_many_pixels
 from pipelines.recipe import PirlRecipe
 
 
@@ -35,9 +35,9 @@ _SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
 def check_pixels(height: int, width: int) -> None:
     """ValueError for an image whose header claims more than MAX_DECODE_PIXELS (checked before decoding)."""
-    if height * width > MAX_DECODE_PIXELS:
-        raise ValueError(f"its header claims {width}x{height} = {height * width:,} pixels, more than "
-                         f"{MAX_DECODE_PIXELS:,}: refused as a decompression bomb")
+    bomb = too_many_pixels(height, width)
+    if bomb is not None:
+        raise ValueError(bomb)
 
 
 def jpeg_header(jpg) -> tuple[int, int, str]:
