@@ -43,17 +43,19 @@ class PIRLNet(nn.Module):
     was the old behaviour: each step updated them with the image batch, then with the B*9 patches (momentum
     0.1 twice), so they ended up ~90 % patch statistics (24 px tiles of a 96 px crop on the CPU configs) and
     evaluating on whole images with them measured a trunk miscalibrated for its input (README, "Linear probe").
+
+    head_norm: "none" (the paper's linear heads) or "bn" (centred outputs; model/heads.py output_norm).
     """
 
     def __init__(self, arch: str = "resnet50", embed_dim: int = 128, num_patches: int = 9,
-                 patch_bn_stats: bool = False):
+                 patch_bn_stats: bool = False, head_norm: str = "none"):
         super().__init__()
         self.patch_bn_stats = patch_bn_stats
         self.trunk, self.feature_dim = build_trunk(arch)
         self.num_patches = num_patches
-        self.image_head = ImageHead(self.feature_dim, embed_dim)
-        self.jigsaw_head = (JigsawHead(self.feature_dim, embed_dim, num_patches) if num_patches > 1
-                            else RotationHead(self.feature_dim, embed_dim))
+        self.image_head = ImageHead(self.feature_dim, embed_dim, norm=head_norm)
+        self.jigsaw_head = (JigsawHead(self.feature_dim, embed_dim, num_patches, norm=head_norm) if num_patches > 1
+                            else RotationHead(self.feature_dim, embed_dim, norm=head_norm))
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled res5 features, the input of the linear probe (heads are dropped for transfer)."""

@@ -46,6 +46,9 @@ class ModelConfig:
     # paper's setting (32 per GPU) and cheaper; README, "Multi-process runs".
     sync_bn: bool = False
     num_permutations: int = 1000  # method=jigsaw: the classes, a max-Hamming set (model/permutations.py)
+    # pirl / npid heads: "none" = the paper's linear heads; "bn" = centred outputs (BatchNorm1d, no affine), which
+    # short schedules need against the collapse onto one direction (model/heads.py output_norm; README)
+    head_norm: str = "none"
 
 
 @dataclass

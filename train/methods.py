@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from model.covariant import CovariantNet, draw_permutation_ids
+from model.heads import HEAD_NORMS
 from model.pirl import PIRLNet
 from pipelines.augment import draw_params
 from train.config import ConfigError, PirlConfig
@@ -41,6 +42,8 @@ def check_method(cfg: PirlConfig) -> None:
         # rotation_jigsaw moves the tiles between cells: the permutation label would no longer be the truth.
         raise ConfigError(f"method={cfg.method} learns from the {wanted!r} view: set data.recipe.jigsaw_view="
                           f"{wanted} (got {view!r}; train/configs/methods/{cfg.method}.yaml does)")
+    if cfg.model.head_norm not in HEAD_NORMS:
+        raise ConfigError(f"model.head_norm must be one of {HEAD_NORMS}, got {cfg.model.head_norm!r}")
     if cfg.method == "jigsaw" and cfg.model.num_permutations < 2:
         raise ConfigError(f"model.num_permutations must be >= 2, got {cfg.model.num_permutations}")
 
@@ -50,7 +53,7 @@ def build_net(cfg: PirlConfig) -> nn.Module:
     both, so the linear probe, the kNN monitor and tools/export.py read every method's checkpoint."""
     tiles = cfg.data.recipe.view_tiles
     if cfg.method in CONTRASTIVE:
-        return PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=tiles)
+        return PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=tiles, head_norm=cfg.model.head_norm)
     return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles)
 
 

@@ -166,3 +166,24 @@ def test_patch_pass_leaves_running_bn_stats_to_the_image(sync):
     npid(image, None)
     for key, value in expected.items():
         torch.testing.assert_close(_bn_buffers(npid)[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("patches", [9, 1])
+def test_bn_heads_centre_each_embedding_dimension_over_the_batch(patches):
+    """head_norm="bn": before the L2 normalisation every head's output has zero batch mean per dimension (the
+    common direction that collapses short runs is gone); "none" is the paper's plain linear head."""
+    torch.manual_seed(0)
+    net = PIRLNet("resnet18", embed_dim=EMBED, num_patches=patches, head_norm="bn").train()
+    plain = PIRLNet("resnet18", embed_dim=EMBED, num_patches=patches).train()
+    plain.load_state_dict(net.state_dict(), strict=False)  # the same linear weights; "bn" adds running stats
+    image = torch.randn(8, 3, S, S)
+    v = net.trunk(image)
+    centred = net.image_head(v)
+    torch.testing.assert_close(centred.mean(0), torch.zeros(EMBED), atol=1e-5, rtol=0)
+    raw = plain.image_head(v)
+    torch.testing.assert_close(centred, (raw - raw.mean(0)) / torch.sqrt(raw.var(0, unbiased=False) + 1e-5))
+    assert raw.mean(0).abs().max() > 0.1  # what the plain head keeps: a shared component
+    v_patches = torch.randn(8, patches, 512).relu()
+    torch.testing.assert_close(net.jigsaw_head(v_patches).mean(0), torch.zeros(EMBED), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="head norm must be one of"):
+        PIRLNet("resnet18", head_norm="layer")

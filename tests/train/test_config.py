@@ -80,3 +80,10 @@ def test_the_multi_node_accelerate_config_loads_and_is_4_by_8():
     cfg = ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader: unknown keys would raise
     assert (cfg.num_machines, cfg.num_processes) == (4, 32)
     assert str(cfg.distributed_type).endswith("MULTI_GPU") and cfg.mixed_precision == "no"
+
+
+def test_unknown_head_norm_is_a_config_error(tmp_path):
+    from train.methods import check_method
+    cfg = load_config(PirlConfig, None, ["--data.shards=x", "--model.head_norm=layer"])
+    with pytest.raises(ConfigError, match="model.head_norm must be one of"):
+        check_method(cfg)
