@@ -120,7 +120,7 @@ class CovariantNet(nn.Module):
 
     def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9):
         super().__init__()
-        from model.trunk import build_trunk  # the trunk is torchvision's; model.trunk imports nothing of ours
+        from model.trunk import build_trunk  # the trunk is torchvision's (plus model.small_maps, torch only)
 
         self.trunk, self.feature_dim = build_trunk(arch)
         if method == "jigsaw":

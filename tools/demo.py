@@ -4,7 +4,7 @@
     -> train/linear_probe.py (res2..res5, best layer) on the PIRL trunk and on a random-init trunk, each under both
     BatchNorm protocols (precise and running statistics) -> per-layer table, final line, summary.json, summary.png.
 
-    python tools/demo.py [--out runs/demo] [--per-class 60] [--epochs 8] [--knn-every 20]
+    python tools/demo.py [--out runs/demo] [--per-class 60] [--epochs 20] [--knn-every 20]
 
 summary.json: pirl_top1 = the worse of PIRL's two protocols, random_init_top1 = the better of random init's two
 (the claim "PIRL learns" needs the first above the second), margin, and every probe's per-layer top-1.
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="working folder (images, shards, run, results)")
     parser.add_argument("--per-class", type=int, default=60, help="synthetic training images per class (10 classes)")
-    parser.add_argument("--epochs", type=int, default=8, help="PIRL epochs over the synthetic training set")
+    parser.add_argument("--epochs", type=int, default=20, help="PIRL epochs over the synthetic training set")
     parser.add_argument("--workers", type=int, default=2, help="shard-writer processes and DataLoader workers")
     parser.add_argument("--knn-every", type=int, default=0,
                         help="kNN monitor every N steps (res5, test images) drawn against the random-init value; 0 = off")
@@ -58,7 +58,7 @@ def main() -> None:
 
     step("1. synthetic images (the embedded default; no download)", f"python tools/synthetic_data.py --output {out}/images/train")
     write_synthetic(out / "images" / "train", per_class=args.per_class, seed=0)
-    write_synthetic(out / "images" / "test", per_class=max(10, args.per_class // 3), seed=1)
+    write_synthetic(out / "images" / "test", per_class=max(10, args.per_class // 2), seed=1)
 
     for split in ("train", "test"):
         step(f"2. shards ({split})", f"python tools/make_shards.py --input {out}/images/{split} --output {out}/shards/{split}")

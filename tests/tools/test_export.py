@@ -78,7 +78,9 @@ def test_export_of_a_trained_checkpoint_loads_strictly_into_torchvision(trained,
     net.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), net.trunk(x), rtol=0, atol=0)
+        # float32 rounding only: the weights are equal above; our trunk runs res5's 1x1 maps as a matmul
+        # (model/small_maps.py)
+        torch.testing.assert_close(model(x), net.trunk(x))
     assert not list(tmp_path.glob("*.tmp"))
 
 
