@@ -3,8 +3,9 @@
 At CPU resolutions (64 px views, 24 px patches) ResNet's res5 runs on 1x1 and 2x2 maps, and oneDNN's backward of a
 3x3 convolution there is pathologically slow: measured on 2 cores (torch 2.14), 254 ms for 288 patches of 512
 channels at 1x1 against 58 ms for the same convolution as im2col + matmul, and 4x less again as the centre tap's
-matmul; res5's convolutions on such maps took a third of the whole step. Inputs of at most SMALL_MAP_PIXELS pixels go through the matrix
-product (from 3x3 maps up oneDNN is faster again: 31 vs 51 ms at 3x3). On CUDA and for larger maps nothing changes.
+matmul; res5's convolutions on such maps took a third of the whole step. Inputs of at most SMALL_MAP_PIXELS pixels
+go through the matrix product (from 3x3 maps up oneDNN is faster again: 31 vs 51 ms at 3x3). On CUDA and for larger
+maps nothing changes.
 
 The module stays an nn.Conv2d with the same parameters and state_dict keys, so checkpoints, the torchvision export
 and random initialisation are untouched; the result equals F.conv2d to float rounding (tests/model/test_small_maps.py).

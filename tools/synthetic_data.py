@@ -42,7 +42,7 @@ def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tup
 
 
 def draw_sample(label: int, size: int, rng: random.Random) -> Image.Image:
-    """One large shape of class `label` in a random grey level, size, position and rotation on a darker
+    """One shape of class `label` in a random grey level, size (SHAPE_RADII), position and rotation on a darker
     uniform background, lightly blurred."""
     background = rng.randrange(*BACKGROUND_LEVELS)
     img = Image.new("RGB", (size, size), (background,) * 3)
