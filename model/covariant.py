@@ -1,7 +1,9 @@
 """The covariant baselines PIRL is compared against (paper section 3): Jigsaw (Noroozi & Favaro 2016) predicts
 which of K fixed permutations shuffled the nine patches; Rotation (Gidaris et al. 2018) predicts by which
 multiple of 90 degrees the image was turned. Both are K-way classification on pooled trunk features, so the
-representation has to change with the transformation: the opposite of PIRL's invariance.
+representation has to change with the transformation: the opposite of PIRL's invariance. The supervised
+reference (the paper's "supervised" row, its ceiling) is the same network with the image view's class label as
+the target: it needs labelled shards, and it bounds what any pretraining can reach on the same budget.
 """
 
 import torch
@@ -62,26 +64,33 @@ class JigsawClassifier(nn.Module):
         return self.classifier(shuffled.reshape(batch, -1))  # (B, K)
 
 
-class RotationClassifier(nn.Module):
-    """Pooled res5 feature of the rotated image, (B, 1, in_dim) or (B, in_dim) -> (B, 4) logits.
+class PooledClassifier(nn.Module):
+    """Pooled res5 feature of one view, (B, 1, in_dim) or (B, in_dim) -> (B, num_classes) logits.
 
-    Gidaris et al. put the classifier on top of the conv trunk; here it sits on the pooled feature that the
+    Gidaris et al. put their classifier on top of the conv trunk; here it sits on the pooled feature that the
     linear probe later reads, like PIRL's RotationHead: one linear layer by default (hidden=None), so the trunk
     has to do the work; hidden=n inserts one ReLU layer of width n.
     """
 
-    def __init__(self, in_dim: int, hidden: int | None = None):
+    def __init__(self, in_dim: int, num_classes: int, hidden: int | None = None):
         super().__init__()
         self.classifier = (nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-                                         nn.Linear(hidden, NUM_ROTATIONS))
-                           if hidden else nn.Linear(in_dim, NUM_ROTATIONS))
+                                         nn.Linear(hidden, num_classes))
+                           if hidden else nn.Linear(in_dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3 and x.shape[1] == 1:
-            x = x[:, 0]  # the rotation view's one "patch", as PIRLNet hands it over
+            x = x[:, 0]  # the one view's one "patch", as PIRLNet hands the rotation view over
         if x.dim() != 2:
-            raise ValueError(f"RotationClassifier expects (B, 1, D) or (B, D) features, got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects (B, 1, D) or (B, D) features, got {tuple(x.shape)}")
         return self.classifier(x)
+
+
+class RotationClassifier(PooledClassifier):
+    """The rotated image's pooled feature -> (B, 4) logits: how many quarter turns."""
+
+    def __init__(self, in_dim: int, hidden: int | None = None):
+        super().__init__(in_dim, NUM_ROTATIONS, hidden)
 
 
 def draw_permutation_ids(seed: int, step: int, index: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,11 +123,13 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> dict[str,
 
 
 class CovariantNet(nn.Module):
-    """The trunk + one covariant classifier: `jigsaw` reads the nine patches of It (B, 9, 3, P, P), `rotation`
-    the one rotated view (B, 1, 3, S, S); forward(patches, target) -> (B, classes) logits. The trunk is named
-    `trunk` as in PIRLNet, so the linear probe and tools/export.py read every method's checkpoint alike."""
+    """The trunk + one classifier: `jigsaw` reads the nine patches of It (B, 9, 3, P, P), `rotation` the one
+    rotated view (B, 1, 3, S, S), `supervised` the image view as (B, 1, 3, S, S) with num_classes labels;
+    forward(views, target) -> (B, classes) logits. The trunk is named `trunk` as in PIRLNet, so the linear probe
+    and tools/export.py read every method's checkpoint alike."""
 
-    def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9):
+    def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9,
+                 num_classes: int | None = None):
         super().__init__()
         from model.trunk import build_trunk  # the trunk is torchvision's (plus model.small_maps, torch only)
 
@@ -127,8 +138,12 @@ class CovariantNet(nn.Module):
             self.classifier = JigsawClassifier(self.feature_dim, num_permutations, num_patches)
         elif method == "rotation":
             self.classifier = RotationClassifier(self.feature_dim)
+        elif method == "supervised":
+            if not num_classes or num_classes < 2:
+                raise ValueError(f"CovariantNet: method 'supervised' needs num_classes >= 2, got {num_classes!r}")
+            self.classifier = PooledClassifier(self.feature_dim, num_classes)  # torchvision's fc: one linear layer
         else:
-            raise ValueError(f"CovariantNet: method must be 'jigsaw' or 'rotation', got {method!r}")
+            raise ValueError(f"CovariantNet: method must be 'jigsaw', 'rotation' or 'supervised', got {method!r}")
         self.method = method
 
     def forward(self, patches: torch.Tensor, perm_ids: torch.Tensor | None = None) -> torch.Tensor:

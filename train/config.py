@@ -107,7 +107,8 @@ class KnnConfig:
 @dataclass
 class PirlConfig:
     # what is learned (README, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
-    # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4)
+    # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4),
+    # supervised (the image view's class label: the reference a pretraining is measured against; labelled shards)
     method: str = "pirl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -6,7 +6,9 @@ methods differs in the objective only (paper section 3's baselines):
   data.recipe.jigsaw_view=rotation, or both with rotation_jigsaw);
 - npid: NPID++, eq. 5 with lambda = 0: the image view alone against the bank (loss.lam is not read);
 - jigsaw: which of model.num_permutations fixed permutations shuffled It's patches (Noroozi & Favaro 2016);
-- rotation: by how many quarter turns It was rotated (Gidaris et al. 2018).
+- rotation: by how many quarter turns It was rotated (Gidaris et al. 2018);
+- supervised: the image view's class label (labelled shards): the paper's supervised row, the ceiling a
+  pretraining method is measured against on the same budget.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from model.pirl import PIRLNet
 from pipelines.augment import draw_params
 from train.config import ConfigError, PirlConfig
 
-METHODS = ("pirl", "npid", "jigsaw", "rotation")
+METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised")
 CONTRASTIVE = ("pirl", "npid")  # a memory bank and the NCE loss; the others classify and need no bank
 # The view each classification method reads: its target is what was done to It.
 COVARIANT_VIEWS = {"jigsaw": "jigsaw", "rotation": "rotation"}
@@ -29,6 +31,7 @@ LOG_TERMS = {
     "npid": ("loss", "loss_image", "pos_image", "neg_image"),
     "jigsaw": ("loss", "accuracy"),
     "rotation": ("loss", "accuracy"),
+    "supervised": ("loss", "accuracy"),
 }
 
 
@@ -48,13 +51,18 @@ def check_method(cfg: PirlConfig) -> None:
         raise ConfigError(f"model.num_permutations must be >= 2, got {cfg.model.num_permutations}")
 
 
-def build_net(cfg: PirlConfig) -> nn.Module:
+def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
     """PIRLNet for the contrastive methods, the trunk + a classifier for the others; the trunk is `trunk` in
-    both, so the linear probe, the kNN monitor and tools/export.py read every method's checkpoint."""
+    both, so the linear probe, the kNN monitor and tools/export.py read every method's checkpoint. `classes`:
+    the training shards' class names (the loader's `classes`), which method=supervised needs."""
     tiles = cfg.data.recipe.view_tiles
     if cfg.method in CONTRASTIVE:
         return PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=tiles, head_norm=cfg.model.head_norm)
-    return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles)
+    if cfg.method == "supervised" and not classes:
+        raise ConfigError(f"method=supervised learns the class labels, but data.shards={cfg.data.shards!r} is not "
+                          "labelled: make the shards from class folders (tools/make_shards.py)")
+    return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles,
+                        num_classes=len(classes) if cfg.method == "supervised" and classes else None)
 
 
 def unused_parameters(cfg: PirlConfig) -> bool:
@@ -62,13 +70,16 @@ def unused_parameters(cfg: PirlConfig) -> bool:
     return cfg.method == "npid" or (cfg.method == "pirl" and cfg.loss.lam in (0.0, 1.0))
 
 
-def covariant_target(cfg: PirlConfig, step: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 class of each sample for jigsaw / rotation, on index's device.
+def covariant_target(cfg: PirlConfig, step: int, epoch: int, index: torch.Tensor,
+                     label: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) int64 class of each sample for jigsaw / rotation / supervised, on index's device.
 
-    jigsaw: a permutation id per (seed, step, global index), which CovariantNet applies to the patch features
+    supervised: the batch's labels. jigsaw: a permutation id per (seed, step, global index), which CovariantNet applies to the patch features
     (the same as shuffling the patches: the trunk sees each patch alone). rotation: the quarter turns the
     batched stage applied to It, recomputed from its own draw (seed, epoch, global index).
     """
+    if cfg.method == "supervised":
+        return label.to(index.device)
     if cfg.method == "jigsaw":
         return draw_permutation_ids(cfg.run.seed, step, index, cfg.model.num_permutations)
     return draw_params(cfg.data.recipe, cfg.run.seed, epoch, index.cpu()).view_rotation.to(index.device)

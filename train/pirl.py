@@ -2,7 +2,8 @@
 
 One loop, top to bottom: set-up, then for each step: data, forward, negatives from the memory bank, loss,
 backward, optimiser step, bank update. Host syncs (`.item()`) happen on log steps only. The baselines (`method`:
-npid, jigsaw, rotation; train/methods.py) run through the same loop; the classification ones skip the bank.
+npid, jigsaw, rotation, supervised; train/methods.py) run through the same loop; the classification ones skip the
+bank.
 """
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def build_augment(cfg: PirlConfig) -> BatchAugment:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Pixels to the training device; `index` stays where it is too, on the host, for the stage's draws."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "patches")}
+    """Pixels (and labels) to the training device; `index` stays on the host too, for the stage's draws."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "patches", "label")}
     out["index"] = batch["index"]
     return out
 
@@ -235,7 +236,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
 
     augment = build_augment(cfg)
     contrastive = cfg.method in CONTRASTIVE
-    net = build_net(cfg)
+    net = build_net(cfg, loader.classes if loader.labelled else None)
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         net = convert_sync_batchnorm(net, device)
     if cfg.run.channels_last:
@@ -357,9 +358,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                                                        global_step, autocast, accelerator, loader, log_z, need_log_z)
                     need_log_z = False
                 else:
-                    target = covariant_target(cfg, global_step, epoch, index)
+                    target = covariant_target(cfg, global_step, epoch, index, batch.get("label"))
+                    views = image[:, None] if cfg.method == "supervised" else patches  # supervised: the image view
                     with autocast:
-                        logits = net(patches, target if cfg.method == "jigsaw" else None)
+                        logits = net(views, target if cfg.method == "jigsaw" else None)
                     losses = classification_loss(logits, target)
                 # This rank's share of the global batch (host numbers: no communication); 1 on one process. A
                 # corrupt sample left out here counts out of the total; one left out on another rank does not.

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.covariant import (JigsawClassifier, RotationClassifier, classification_loss, draw_permutation_ids)
+from model.covariant import (CovariantNet, JigsawClassifier, RotationClassifier, classification_loss,
+                            draw_permutation_ids)
 
 B, N, D = 8, 9, 12
 
@@ -177,3 +178,19 @@ def test_classification_loss_known_values():
     logits = 5.0 * F.one_hot(torch.tensor([0, 1, 2, 3, 3]), 4).float()
     acc = classification_loss(logits.bfloat16(), torch.tensor([0, 1, 2, 3, 0]))["accuracy"]
     assert acc.item() == pytest.approx(0.8)
+
+
+def test_supervised_net_fits_a_batch_of_labelled_images():
+    """The image view as one "patch" through the trunk and a linear layer: it can memorise 6 images' labels."""
+    torch.manual_seed(0)
+    net = CovariantNet("supervised", "resnet18", num_classes=3)
+    image, label = torch.randn(6, 1, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(15):
+        out = classification_loss(net(image), label)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert torch.equal(net(image).argmax(1), label)  # batch statistics, as in training
+    with pytest.raises(ValueError, match="needs num_classes >= 2"):
+        CovariantNet("supervised", "resnet18")

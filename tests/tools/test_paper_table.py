@@ -13,22 +13,24 @@ def test_the_table_compares_every_method_with_the_best_random_probe(tmp_path, ca
     for split, seed in (("train", 0), ("test", 1)):
         write_synthetic(tmp_path / "data" / split, per_class=2, size=48, seed=seed)
     out = tmp_path / "out"
-    args = ["--data", str(tmp_path / "data"), "--out", str(out), "--methods", "pirl,jigsaw", "--epochs", "1",
+    args = ["--data", str(tmp_path / "data"), "--out", str(out), "--methods", "pirl,jigsaw,supervised", "--epochs", "1",
             "--workers", "0", "--set", *TINY]
     summary = paper_table.main(args)
     rows = summary["methods"]
-    assert set(rows) == {"random_init", "pirl", "jigsaw"}
+    assert set(rows) == {"random_init", "pirl", "jigsaw", "supervised"}
     random_best = max(rows["random_init"]["best"][p]["top1"] for p in ("precise", "running"))
     assert summary["random_init_best"] == random_best
-    for name in ("pirl", "jigsaw"):
+    for name in ("pirl", "jigsaw", "supervised"):
         row = rows[name]
         assert set(row["per_layer"]["precise"]) == {"res2", "res3", "res4", "res5"}
         worse = min(row["best"][p]["top1"] for p in ("precise", "running"))
         assert row["worse_protocol_top1"] == worse and row["margin_over_random"] == worse - random_best
         assert json.loads((out / name / "probe_running.json").read_text())["bn"] == "running"
+        ceiling = rows["supervised"]["margin_over_random"]
+        assert row["share_of_supervised_gain"] == (row["margin_over_random"] / ceiling if ceiling else None)
     assert (out / "table.png").stat().st_size > 0
     table = (out / "table.md").read_text()
-    assert "| jigsaw |" in table and "vs best random" in table
+    assert "| jigsaw |" in table and "vs best random" in table and "share of supervised's gain" in table
     assert "== pretraining jigsaw" in capsys.readouterr().out
     # a re-run reuses the finished runs and probes instead of training again
     assert paper_table.main(args) == summary

@@ -24,6 +24,7 @@ def run(shards, out_dir, method, *extra):
     ("npid", {"loss", "loss_image", "pos_image", "neg_image"}),
     ("jigsaw", {"loss", "accuracy"}),
     ("rotation", {"loss", "accuracy"}),
+    ("supervised", {"loss", "accuracy"}),
     ("pirl_rotation", {"loss", "loss_jigsaw", "loss_image", "pos_image", "neg_image"}),
 ])
 def test_each_method_trains_logs_its_terms_and_its_trunk_is_probed(synthetic_shards, tmp_path, method, terms):
@@ -32,7 +33,7 @@ def test_each_method_trains_logs_its_terms_and_its_trunk_is_probed(synthetic_sha
     assert not ({"loss_jigsaw", "accuracy", "loss_image"} - terms) & set(record)  # no other method's terms
     state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
     assert state["config"]["method"] == ("pirl" if method == "pirl_rotation" else method)
-    assert (state["bank"] is None) == (method in ("jigsaw", "rotation"))
+    assert (state["bank"] is None) == (method in ("jigsaw", "rotation", "supervised"))
     result = linear_probe.main([f"--checkpoint={checkpoint.latest_checkpoint(tmp_path / 'run')}",
                                 f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}",
                                 "--num_workers=0", "--epochs=2", "--layers=[res5]"])
@@ -65,6 +66,26 @@ def test_rotation_target_is_the_turn_the_batched_stage_applied(synthetic_shards,
     for b, turns in enumerate(target.tolist()):
         back = torch.rot90(out[B.PATCHES][b, 0], -turns, dims=(-2, -1))
         assert torch.allclose(back, plain[b], atol=1e-5), (b, turns)
+
+
+def test_supervised_targets_are_the_labels_and_its_classifier_has_one_output_per_class(synthetic_shards, tmp_path):
+    cfg = load_config(PirlConfig, f"{METHOD_CONFIGS}/supervised.yaml", tiny_overrides(synthetic_shards, tmp_path))
+    label = torch.tensor([4, 0, 9])
+    assert torch.equal(covariant_target(cfg, 0, 0, torch.tensor([7, 1, 2]), label), label)
+    run(synthetic_shards, tmp_path / "run", "supervised")
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
+    assert state["model"]["classifier.classifier.weight"].shape == (10, 512)  # the manifest's 10 classes
+
+
+def test_supervised_on_unlabelled_shards_is_a_config_error(tmp_path):
+    from tools.make_shards import build_shards
+    from tools.synthetic_data import write_synthetic
+    write_synthetic(tmp_path / "images", per_class=1, size=32, seed=0)
+    images = sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in images))
+    build_shards(tmp_path / "list.txt", tmp_path / "shards", workers=1, shard_size=40_000)
+    with pytest.raises(ConfigError, match="method=supervised learns the class labels.*not labelled"):
+        run(tmp_path / "shards", tmp_path / "run", "supervised")
 
 
 @pytest.mark.parametrize("method, view", [("jigsaw", "rotation"), ("rotation", "jigsaw"), ("jigsaw", "rotation_jigsaw")])
