@@ -137,8 +137,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(layers))], layers)
         ax.set_title(f"linear probe, {protocol} BatchNorm statistics", fontsize=9)
         ax.set_ylabel("top-1 (%)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()  # below the plots: above them it hides the bars
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * ((len(labels) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
