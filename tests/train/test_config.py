@@ -42,7 +42,7 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(PirlConfig, str(tmp_path / "nope.yaml"), [])
 
 
-@pytest.mark.parametrize("name", ["imagenet_r50.yaml", "cpu_small.yaml"])
+@pytest.mark.parametrize("name", ["imagenet_r50.yaml", "cpu_small.yaml", "imagenette_cpu.yaml", "imagenette_gpu.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
@@ -52,6 +52,8 @@ def test_shipped_configs_load(name):
     if name == "imagenet_r50.yaml":  # the paper's recipe: 32 x 32 GPUs, 800 epochs, ResNet-50, 32k negatives
         assert (cfg.data.batch_size, cfg.optim.epochs, cfg.model.arch) == (32, 800, "resnet50")
         assert (cfg.optim.lr, cfg.optim.final_lr, cfg.loss.num_negatives) == (0.12, 0.00012, 32000)
+    if name.startswith("imagenette"):  # Imagenette's train split has 4,000 images: the bank's rows
+        assert cfg.loss.num_negatives < 4000 and cfg.loss.bank_init == "features"
 
 
 def test_print_config_prints_and_runs_nothing(capsys):
