@@ -79,7 +79,7 @@ def probe(name: str, trunk_args: list[str], train: Path, test: Path, out: Path, 
 def summarise(probes: dict[str, dict], pretraining: dict[str, dict]) -> dict:
     """Per method: best layer per protocol, the worse protocol's best (a gain must hold under both), its margin
     over the best random-init probe (over both protocols) and, with a supervised row, that margin as a share of
-    supervised's (None without one)."""
+    supervised's (None without one, or when supervised does not beat random init)."""
     random_best = max(p["top1"] for p in probes["random_init"].values())
     rows = {}
     for name, by_protocol in probes.items():
@@ -94,7 +94,7 @@ def summarise(probes: dict[str, dict], pretraining: dict[str, dict]) -> dict:
         }
     ceiling = rows["supervised"]["margin_over_random"] if "supervised" in rows else None
     for row in rows.values():
-        row["share_of_supervised_gain"] = row["margin_over_random"] / ceiling if ceiling else None
+        row["share_of_supervised_gain"] = row["margin_over_random"] / ceiling if ceiling and ceiling > 0 else None
     return {"random_init_best": random_best, "methods": rows}
 
 
