@@ -13,6 +13,17 @@ def synthetic_shards(tmp_path_factory):
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def unlabelled_shards(tmp_path_factory):
+    """Shards of 10 synthetic 32 px images made from a plain file list: no labels."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    write_synthetic(root / "images", per_class=1, size=32, seed=0)
+    images = sorted(p for p in (root / "images").rglob("*") if p.is_file())
+    (root / "list.txt").write_text("".join(f"{p}\n" for p in images))
+    build_shards(root / "list.txt", root / "shards", workers=1, shard_size=40_000)
+    return root / "shards"
+
+
 def tiny_overrides(shards, out_dir):
     """A run small enough for a unit test: 32 px views, 16 px patches, 8 negatives, ResNet-18."""
     return [

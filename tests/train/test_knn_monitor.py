@@ -101,12 +101,6 @@ def test_evaluate_accepts_a_feature_function_and_small_k(synthetic_shards):
     assert result["knn_top1"] == 100.0 and result["knn_num_test"] == 10 and result["knn_k"] == 1
 
 
-def test_unlabelled_shards_fail_at_construction(tmp_path):
-    from tools.make_shards import build_shards
-    from tools.synthetic_data import write_synthetic
-    write_synthetic(tmp_path / "images", per_class=1, size=32, seed=0)
-    images = sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())
-    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in images))
-    build_shards(tmp_path / "list.txt", tmp_path / "shards", workers=1, shard_size=40_000)
+def test_unlabelled_shards_fail_at_construction(unlabelled_shards):
     with pytest.raises(ValueError, match="no labels"):
-        knn_monitor.KnnMonitor(str(tmp_path / "shards"), str(tmp_path / "shards"), PirlRecipe(), num_workers=0)
+        knn_monitor.KnnMonitor(str(unlabelled_shards), str(unlabelled_shards), PirlRecipe(), num_workers=0)

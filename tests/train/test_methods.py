@@ -77,15 +77,9 @@ def test_supervised_targets_are_the_labels_and_its_classifier_has_one_output_per
     assert state["model"]["classifier.classifier.weight"].shape == (10, 512)  # the manifest's 10 classes
 
 
-def test_supervised_on_unlabelled_shards_is_a_config_error(tmp_path):
-    from tools.make_shards import build_shards
-    from tools.synthetic_data import write_synthetic
-    write_synthetic(tmp_path / "images", per_class=1, size=32, seed=0)
-    images = sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())
-    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in images))
-    build_shards(tmp_path / "list.txt", tmp_path / "shards", workers=1, shard_size=40_000)
+def test_supervised_on_unlabelled_shards_is_a_config_error(unlabelled_shards, tmp_path):
     with pytest.raises(ConfigError, match="method=supervised learns the class labels.*not labelled"):
-        run(tmp_path / "shards", tmp_path / "run", "supervised")
+        run(unlabelled_shards, tmp_path / "run", "supervised")
 
 
 @pytest.mark.parametrize("method, view", [("jigsaw", "rotation"), ("rotation", "jigsaw"), ("jigsaw", "rotation_jigsaw")])
