@@ -62,7 +62,7 @@ def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
         raise ConfigError(f"method=supervised learns the class labels, but data.shards={cfg.data.shards!r} is not "
                           "labelled: make the shards from class folders (tools/make_shards.py)")
     return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles,
-                        num_classes=len(classes) if cfg.method == "supervised" and classes else None)
+                        num_classes=len(classes) if cfg.method == "supervised" else None)
 
 
 def unused_parameters(cfg: PirlConfig) -> bool:
@@ -74,9 +74,9 @@ def covariant_target(cfg: PirlConfig, step: int, epoch: int, index: torch.Tensor
                      label: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) int64 class of each sample for jigsaw / rotation / supervised, on index's device.
 
-    supervised: the batch's labels. jigsaw: a permutation id per (seed, step, global index), which CovariantNet applies to the patch features
-    (the same as shuffling the patches: the trunk sees each patch alone). rotation: the quarter turns the
-    batched stage applied to It, recomputed from its own draw (seed, epoch, global index).
+    supervised: the batch's labels. jigsaw: a permutation id per (seed, step, global index), which CovariantNet
+    applies to the patch features (the same as shuffling the patches: the trunk sees each patch alone). rotation:
+    the quarter turns the batched stage applied to It, recomputed from its own draw (seed, epoch, global index).
     """
     if cfg.method == "supervised":
         return label.to(index.device)
