@@ -63,11 +63,13 @@ def pretrain(method: str, config: Path, train: Path, out: Path, epochs: int, wor
 
 
 def probe(name: str, trunk_args: list[str], train: Path, test: Path, out: Path, workers: int) -> dict:
-    """Both protocols' per-layer probes of one trunk (cached in out/name/probe_PROTOCOL.json)."""
+    """Both protocols' per-layer probes of one trunk (cached in out/name/probe_PROTOCOL.json; a cached probe made
+    with other probe settings, e.g. before the weight decay was chosen per layer, is redone)."""
     results = {}
+    settings = linear_probe.probe_settings(linear_probe.ProbeConfig())
     for protocol, precise in PROTOCOLS.items():
         path = out / name / f"probe_{protocol}.json"
-        if not path.is_file():
+        if not path.is_file() or json.loads(path.read_text()).get("settings") != settings:
             path.parent.mkdir(parents=True, exist_ok=True)
             linear_probe.main([*trunk_args, f"--train_shards={train}", f"--test_shards={test}",
                                f"--precise_bn={str(precise).lower()}", f"--num_workers={workers}",

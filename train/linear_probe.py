@@ -9,8 +9,13 @@ The PIRL paper's protocol (after Goyal et al. 2019; docs PIRL.md, "Evaluation"):
 frozen features of each stage res2..res5, the best layer reported. All stages come out of one forward pass
 (resize + centre crop, no augmentation); features are extracted once, standardised with the training set's
 statistics, and each stage gets a multinomial logistic regression trained with Adam on the cached features.
-The result's "top1" is the best stage's; "per_layer" holds every stage's, "bn" the BatchNorm statistics used
-("precise" or "running").
+Its L2 weight decay is chosen per stage, as Goyal et al. 2019 choose their classifiers' cost per layer: one
+classifier per value of `weight_decays` is fitted on the training features less a held-out `validation_fraction`,
+the value with the best top-1 on that held-out part is kept, and the classifier is refitted with it on all the
+training features; the test set is only used once, by that classifier. (A stage's best value differs with its
+dimension and the trunk: README, "Linear probe".) The result's "top1" is the best stage's; "per_layer" holds
+every stage's, "weight_decay" and "per_layer_validation" the chosen values and their held-out top-1, "bn" the
+BatchNorm statistics used ("precise" or "running").
 
 Pooling per stage (pool_grid): res2..res4 are average-pooled to a g x g grid with g = round(sqrt(9216 / C)) for
 C channels, i.e. about 9,000 dimensions whatever the trunk, as Goyal et al. 2019 do (their VISSL config pools
@@ -63,7 +68,9 @@ class ProbeConfig:
     num_workers: int = 2
     epochs: int = 100  # passes of the classifier over the cached features
     lr: float = 1e-3  # Adam on standardised features
-    weight_decay: float = 5e-4  # L2 on the classifier weights
+    weight_decays: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 2e-3, 1e-2, 5e-2, 0.2])  # L2 on the
+    # classifier, chosen per stage on held-out training features (module docstring); one value = no choice
+    validation_fraction: float = 0.2  # share of the training features held out to choose the weight decay
     seed: int = 0  # trunk init (random baseline) and classifier init/order
     precise_bn: bool = True  # re-estimate BatchNorm statistics on the probe's training images first ("precise");
     # false = the trunk's own running statistics ("running")
@@ -205,42 +212,85 @@ def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeC
     return feats, labels, len(loader.classes or [])
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: ProbeConfig) -> torch.nn.Linear:
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: Sequence[float],
+               cfg: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One multinomial logistic regression per weight decay, all from the same initialisation, trained side by
+    side: returns (K, D, C) weights and (K, C) biases for K = len(weight_decays).
+
+    Adam's update is elementwise and each classifier's loss reaches only its own columns, so this is exactly K
+    separate fits, for the price of one matrix product with K * C columns. The L2 term is what
+    torch.optim.Adam(weight_decay=wd) adds to the gradient, biases included.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
-    clf = torch.nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    k, dims = len(weight_decays), x.shape[1]
+    bound = 1.0 / math.sqrt(dims)  # torch.nn.Linear's default initialisation
+    weight = ((torch.rand(dims, num_classes, generator=gen) * 2 - 1) * bound).repeat(1, k).requires_grad_()
+    bias = ((torch.rand(num_classes, generator=gen) * 2 - 1) * bound).repeat(k).requires_grad_()
+    decay = torch.tensor(weight_decays, dtype=x.dtype).repeat_interleave(num_classes)  # one per column
+    opt = torch.optim.Adam([weight, bias], lr=cfg.lr)
     batch = 256
     for _ in range(cfg.epochs):
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch):
             rows = order[start : start + batch]
-            loss = F.cross_entropy(clf(x[rows]), y[rows])
+            logits = (x[rows] @ weight + bias).view(len(rows), k, num_classes)
+            loss = F.cross_entropy(logits.transpose(1, 2), y[rows, None].expand(-1, k), reduction="sum") / len(rows)
+            loss = loss + 0.5 * (decay * (weight.pow(2).sum(0) + bias.pow(2))).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return clf
+    return (weight.detach().view(dims, k, num_classes).permute(1, 0, 2).contiguous(),
+            bias.detach().view(k, num_classes))
 
 
-def top1(clf: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+def top1(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
-        return 100.0 * (clf(x).argmax(1) == y).float().mean().item()
+        return 100.0 * ((x @ weight + bias).argmax(1) == y).float().mean().item()
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              cfg: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor, float, float | None]:
+    """The stage's classifier (weight (D, C), bias (C,)), its weight decay and that value's held-out top-1
+    (None when there was nothing to choose)."""
+    decays, validation = list(cfg.weight_decays), None
+    if len(decays) > 1:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+        held_out = order[: max(1, round(len(x) * cfg.validation_fraction))]
+        fit = order[len(held_out):]
+        weights, biases = fit_linear(x[fit], y[fit], num_classes, decays, cfg)
+        scores = [top1(w, b, x[held_out], y[held_out]) for w, b in zip(weights, biases)]
+        best = max(range(len(decays)), key=lambda i: (scores[i], decays[i]))  # ties: the stronger L2
+        decays, validation = [decays[best]], scores[best]
+    weights, biases = fit_linear(x, y, num_classes, decays, cfg)
+    return weights[0], biases[0], decays[0], validation
+
+
+def probe_settings(cfg: ProbeConfig) -> dict:
+    """What decides a probe's numbers besides the trunk and the data: equal settings, comparable results."""
+    return {"epochs": cfg.epochs, "lr": cfg.lr, "weight_decays": list(cfg.weight_decays),
+            "validation_fraction": cfg.validation_fraction, "seed": cfg.seed}
 
 
 def probe(cfg: ProbeConfig) -> dict:
     if not cfg.train_shards or not cfg.test_shards:
         raise ConfigError("train_shards and test_shards are required")
     layers = check_layers(cfg.layers)
+    if not cfg.weight_decays or min(cfg.weight_decays) < 0:
+        raise ConfigError(f"weight_decays must be a non-empty list of values >= 0, got {list(cfg.weight_decays)}")
+    if len(cfg.weight_decays) > 1 and not 0.0 < cfg.validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction must be in (0, 1) to choose among weight_decays, "
+                          f"got {cfg.validation_fraction}")
     trunk, arch, recipe = load_trunk(cfg)
     x_train, y_train, num_classes = extract(trunk, cfg.train_shards, recipe, cfg, "train", layers)
     x_test, y_test, _ = extract(trunk, cfg.test_shards, recipe, cfg, "test", layers)
     num_classes = max(num_classes, int(y_train.max()) + 1, int(y_test.max()) + 1)
-    per_layer, per_layer_train = {}, {}
+    per_layer, per_layer_train, decay, validation = {}, {}, {}, {}
     for name in layers:
         train, test = x_train[name], x_test[name]
         mean, std = train.mean(0), train.std(0).clamp_min(1e-6)  # random trunks give features of any scale
         train, test = (train - mean) / std, (test - mean) / std
-        clf = fit_linear(train, y_train, num_classes, cfg)
-        per_layer[name], per_layer_train[name] = top1(clf, test, y_test), top1(clf, train, y_train)
+        weight, bias, decay[name], validation[name] = fit_probe(train, y_train, num_classes, cfg)
+        per_layer[name], per_layer_train[name] = top1(weight, bias, test, y_test), top1(weight, bias, train, y_train)
     best = max(layers, key=per_layer.__getitem__)  # the first stage among equals
     dims = {name: x_train[name].shape[1] for name in layers}
     result = {
@@ -249,6 +299,8 @@ def probe(cfg: ProbeConfig) -> dict:
         "best_layer": best,
         "per_layer": per_layer,
         "per_layer_train": per_layer_train,
+        "weight_decay": decay,
+        "per_layer_validation": validation,
         "bn": "precise" if cfg.precise_bn else "running",
         "trunk": cfg.checkpoint or "random-init",
         "arch": arch,
@@ -258,13 +310,16 @@ def probe(cfg: ProbeConfig) -> dict:
         "num_classes": num_classes,
         "feature_dim": dims[best],
         "feature_dims": dims,
+        "settings": probe_settings(cfg),
     }
     print(f"linear probe ({result['trunk']}, {arch} @ {recipe.image_size}px, {result['bn']} BN): "
           f"best {best} top-1 {result['top1']:.2f}% on {len(y_test)} test images")
-    print(f"  {'layer':<6}{'dims':>7}{'top-1':>9}{'train':>9}")
+    print(f"  {'layer':<6}{'dims':>7}{'top-1':>9}{'train':>9}{'held-out':>10}{'wd':>8}")
     for name in layers:
         mark = "  <- best" if name == best else ""
-        print(f"  {name:<6}{dims[name]:>7}{per_layer[name]:>8.2f}%{per_layer_train[name]:>8.2f}%{mark}")
+        held = "-" if validation[name] is None else f"{validation[name]:.2f}%"
+        print(f"  {name:<6}{dims[name]:>7}{per_layer[name]:>8.2f}%{per_layer_train[name]:>8.2f}%{held:>10}"
+              f"{decay[name]:>8.0e}{mark}")
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")

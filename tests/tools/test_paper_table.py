@@ -3,6 +3,7 @@ import json
 
 from tools import paper_table
 from tools.synthetic_data import write_synthetic
+from train import linear_probe
 
 TINY = ["data.batch_size=8", "data.recipe.image_size=32", "data.recipe.jigsaw_size=48", "data.recipe.patch_size=16",
         "model.arch=resnet18", "loss.num_negatives=8", "run.log_every=1", "run.tensorboard=false", "run.cpu=true",
@@ -34,4 +35,12 @@ def test_the_table_compares_every_method_with_the_best_random_probe(tmp_path, ca
     assert "== pretraining jigsaw" in capsys.readouterr().out
     # a re-run reuses the finished runs and probes instead of training again
     assert paper_table.main(args) == summary
+    assert "== pretraining" not in capsys.readouterr().out
+    # ...except a probe made with other probe settings (an older protocol), which is redone
+    stale = out / "pirl" / "probe_running.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "top1": -1.0, "settings": {"weight_decays": [5e-4]}}))
+    rerun = paper_table.main(args)
+    redone = json.loads(stale.read_text())
+    assert redone["top1"] >= 0.0 and redone["settings"] == linear_probe.probe_settings(linear_probe.ProbeConfig())
+    assert rerun["methods"]["pirl"]["best"]["running"]["top1"] == redone["top1"]
     assert "== pretraining" not in capsys.readouterr().out

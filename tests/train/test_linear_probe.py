@@ -55,6 +55,10 @@ def test_probe_reports_every_layer_and_the_best_one(synthetic_shards, tmp_path):
     assert result["feature_dim"] == RESNET18_DIMS[result["best_layer"]]
     assert all(0.0 <= top1 <= 100.0 for top1 in result["per_layer"].values())
     assert result["bn"] == "precise" and result["num_train"] == result["num_test"] == 30
+    grid = linear_probe.ProbeConfig().weight_decays
+    assert set(result["weight_decay"]) == set(result["per_layer_validation"]) == set(linear_probe.STAGES)
+    assert all(decay in grid for decay in result["weight_decay"].values())
+    assert all(0.0 <= top1 <= 100.0 for top1 in result["per_layer_validation"].values())
     assert json.loads(out.read_text()) == result
 
 
@@ -68,3 +72,57 @@ def test_probe_on_a_subset_with_running_batchnorm(synthetic_shards):
 def test_an_unknown_or_empty_layer_list_is_a_config_error(synthetic_shards, layers):
     with pytest.raises(ConfigError, match="layers must be"):
         linear_probe.main(probe_args(synthetic_shards, f"--layers={layers}"))
+
+
+def blobs(n=120, dims=16, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(classes, dims, generator=gen)
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, dims, generator=gen), y
+
+
+def test_side_by_side_fits_equal_separate_fits_and_adams_weight_decay():
+    x, y = blobs()
+    cfg = linear_probe.ProbeConfig(epochs=3, seed=4)
+    weights, biases = linear_probe.fit_linear(x, y, 3, [0.0, 0.3], cfg)
+    assert weights.shape == (2, 16, 3) and biases.shape == (2, 3)
+    for i, decay in enumerate([0.0, 0.3]):
+        w, b = linear_probe.fit_linear(x, y, 3, [decay], cfg)
+        torch.testing.assert_close((weights[i], biases[i]), (w[0], b[0]))
+        # the reference: torch.nn.Linear + torch.optim.Adam(weight_decay=...), same start and order
+        gen = torch.Generator().manual_seed(cfg.seed)
+        clf = torch.nn.Linear(16, 3)
+        with torch.no_grad():
+            clf.weight.copy_(((torch.rand(16, 3, generator=gen) * 2 - 1) / 4).T)
+            clf.bias.copy_((torch.rand(3, generator=gen) * 2 - 1) / 4)
+        opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr, weight_decay=decay)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), 256):
+                rows = order[start : start + 256]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(clf(x[rows]), y[rows]).backward()
+                opt.step()
+        torch.testing.assert_close((weights[i], biases[i]), (clf.weight.detach().T, clf.bias.detach()))
+    assert not torch.allclose(weights[0], weights[1])  # the decay did act
+
+
+def test_the_weight_decay_is_chosen_on_held_out_training_features():
+    x, y = blobs(n=150)
+    cfg = linear_probe.ProbeConfig(epochs=20, lr=0.05, weight_decays=[1e3, 0.0], validation_fraction=0.2)
+    weight, bias, decay, held_out = linear_probe.fit_probe(x, y, 3, cfg)
+    # 1e3 shrinks every weight to ~0 (chance); the separable blobs want none
+    assert decay == 0.0 and held_out == 100.0
+    assert weight.shape == (16, 3) and linear_probe.top1(weight, bias, x, y) == 100.0
+    _, _, decay, held_out = linear_probe.fit_probe(x, y, 3, linear_probe.ProbeConfig(epochs=2, weight_decays=[0.5]))
+    assert (decay, held_out) == (0.5, None)  # one value: nothing held out, nothing chosen
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("--weight_decays=[]", "weight_decays must be"),
+    ("--weight_decays=[0.1,-1.0]", "weight_decays must be"),
+    ("--validation_fraction=1.0", "validation_fraction must be"),
+])
+def test_a_bad_weight_decay_grid_is_a_config_error(synthetic_shards, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        linear_probe.main(probe_args(synthetic_shards, extra))
