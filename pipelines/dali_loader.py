@@ -209,6 +209,8 @@ class DaliLoader(EpochLoader):
     """One rank's DALI loader. A pipeline is built for a (epoch, start step) and reused for the epochs after
     it; any other set_epoch (a resume, an epoch abandoned half-way) builds a fresh one."""
 
+    selectable = False  # its SampleSource plans every epoch from the sampler (epoch_plan)
+
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, options: DaliOptions, **kwargs):
         self._pipe = None
         super().__init__(table, recipe, **kwargs)

@@ -53,6 +53,8 @@ class EpochLoader:
     """
 
     max_skipped_per_epoch = DEFAULT_MAX_SKIPPED
+    # select() works where _iterate reads its order from batches(); DALI's source plans its epochs itself.
+    selectable = True
 
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, batch_size: int, num_workers: int, rank: int,
                  world_size: int, seed: int, mode: str, with_geometry: bool):
@@ -72,6 +74,7 @@ class EpochLoader:
         self.skipped: list[int] = []
         self.batch_skipped = 0
         self._reader: ShardReader | None = None  # opened for a skipped sample's reason only
+        self._selection: list[np.ndarray] | None = None  # select(): a fixed plan replacing the sampler's
 
     @property
     def num_samples(self) -> int:
@@ -91,7 +94,25 @@ class EpochLoader:
         return self.batch_size + 1
 
     def __len__(self) -> int:
-        return self._steps
+        return self._steps if self._selection is None else len(self._selection)
+
+    def select(self, indexes) -> None:
+        """From now on read only these global sample indexes, in this order, batch_size at a time, every epoch: an
+        eval loader over a fixed subset (the kNN monitor's), where only the selected samples are read and decoded."""
+        if self.mode != "eval":
+            raise ValueError("select() is for eval loaders: a pretraining epoch reads every sample once")
+        if self.world_size != 1:
+            raise ValueError(f"select() reads the subset on one process, this loader is rank {self.rank} of "
+                             f"{self.world_size}")
+        if not self.selectable:
+            raise NotImplementedError(f"{type(self).__name__} plans its epochs itself and cannot read a subset")
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        if len(indexes) == 0 or indexes.min() < 0 or indexes.max() >= self.num_samples:
+            raise IndexError(f"select() needs a non-empty set of indexes in [0, {self.num_samples}), got "
+                             f"{len(indexes)} in [{indexes.min() if len(indexes) else '-'}, "
+                             f"{indexes.max() if len(indexes) else '-'}]")
+        self._selection = [indexes[i : i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
+        self.set_epoch(self.epoch)
 
     def global_batch_size(self, step: int) -> int:
         """Samples all ranks read together at step `step` of an epoch: W*B, the rest of the epoch at the last."""
@@ -104,8 +125,8 @@ class EpochLoader:
         """Select the epoch (its order and its augmentations) and the step to start from (exact resume)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_step <= self._steps:
-            raise ValueError(f"start_step must be in [0, {self._steps}], got {start_step}")
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
         self.epoch = epoch
         self.start_step = start_step
 
@@ -115,6 +136,8 @@ class EpochLoader:
 
     def batches(self) -> list[np.ndarray]:
         """This rank's batches of global indexes for the current epoch, from its start step."""
+        if self._selection is not None:
+            return self._selection[self.start_step:]
         return epoch_batches(
             self.table.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
             seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,

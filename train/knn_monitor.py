@@ -32,10 +32,6 @@ import pipelines
 from pipelines.recipe import PirlRecipe
 from train.linear_probe import extract_features
 
-# Backends whose loaders read their order from EpochLoader.batches() (pipelines/epoch_loader.py), so a subset
-# plan put there is all they decode. DALI's SampleSource plans a whole epoch itself: it is left alone and the
-# rows outside the subset are dropped by index (extract_features), the same subset, only not cheaper.
-SUBSET_PLANNABLE = ("reference", "ffcv")
 CHUNK = 4096  # rows per similarity block: a (CHUNK, CHUNK) fp32 block is 64 MiB, whatever the set sizes
 
 
@@ -104,9 +100,10 @@ class KnnMonitor:
         if not loader.labelled:  # at construction: a bad path fails at start-up, not at the first evaluation
             raise ValueError(f"{shards} has no labels: the kNN monitor needs labelled shards")
         keep = subsample_indexes(loader.num_samples, cap)
-        if keep is not None and backend in SUBSET_PLANNABLE:
-            plan = [b.numpy() for b in keep.split(batch_size)]
-            loader.batches = lambda: plan  # this loader's order: only the kept samples are read and decoded
+        if keep is not None and loader.selectable:
+            loader.select(keep.numpy())  # only the kept samples are read and decoded
+        # DALI's loader reads every sample; extract_features drops the rows outside `keep` by index: the same
+        # subset, only not cheaper
         return loader, keep
 
     @torch.no_grad()

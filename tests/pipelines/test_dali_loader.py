@@ -64,6 +64,8 @@ def test_eval_mode_matches_the_reference(small_shards, small_recipe):
         check_loader_batch(a, recipe, labelled=True, mode="eval")
         assert a[B.INDEX].tolist() == b[B.INDEX].tolist()  # identity order
         assert (mad_per_channel(a[B.IMAGE], b[B.IMAGE]) <= MAD_BOUND_SYNTHETIC).all()
+    with pytest.raises(NotImplementedError, match="DaliLoader plans its epochs itself"):
+        make("dali", small_shards, recipe, mode="eval", batch_size=8).select([0, 1])  # the kNN monitor drops rows
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -192,3 +192,35 @@ def test_bad_arguments_are_clear(small_shards, small_recipe):
         make(small_shards, dataclasses.replace(small_recipe, patch_size=17))
     with pytest.raises(TypeError, match="PirlRecipe"):
         make(small_shards, {"image_size": 32})
+
+
+def test_select_reads_only_the_chosen_samples_in_order_every_epoch(small_shards, small_recipe):
+    loader = make(small_shards, small_recipe, mode="eval", batch_size=3)
+    full = by_index(loader)
+    chosen = [29, 3, 17, 0, 8]
+    loader.select(chosen)
+    assert len(loader) == 2
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = [batch for batch in loader]
+        assert [b[B.INDEX].tolist() for b in batches] == [[29, 3, 17], [0, 8]]
+        for b in batches:
+            for row, i in enumerate(b[B.INDEX].tolist()):
+                assert torch.equal(b[B.IMAGE][row], full[i][B.IMAGE])  # the same eval view as in a full pass
+    loader.set_epoch(0, start_step=1)
+    assert [b[B.INDEX].tolist() for b in loader] == [[0, 8]]
+    with pytest.raises(ValueError, match=r"start_step must be in \[0, 2\]"):
+        loader.set_epoch(0, start_step=3)
+
+
+def test_select_refuses_what_it_cannot_do(small_shards, small_recipe):
+    with pytest.raises(ValueError, match="eval loaders"):
+        make(small_shards, small_recipe).select([0, 1])
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        make(small_shards, small_recipe, mode="eval", rank=1, world_size=2).select([0, 1])
+    loader = make(small_shards, small_recipe, mode="eval")
+    with pytest.raises(IndexError, match=rf"\[0, {N}\), got 2 in \[0, {N}\]"):
+        loader.select([0, N])
+    with pytest.raises(IndexError, match="got 0 in"):
+        loader.select([])
+    assert len(loader) == -(-N // 4)  # a refused selection leaves the full plan
