@@ -477,7 +477,7 @@ def test_the_fake_tensor_check_catches_syncs():
                 sync()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.set_sync_debug_mode needs a GPU")
+@pytest.mark.gpu  # torch.cuda.set_sync_debug_mode
 def test_hot_path_does_not_sync_a_gpu():
     torch.set_default_device("cuda")
     torch.cuda.set_sync_debug_mode("error")

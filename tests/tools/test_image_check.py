@@ -1,11 +1,11 @@
 import io
-import os
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from tests.tools import image_factory as make
+from tools.sharding import image_check
 from tools.sharding.image_check import (
     COLOUR_MODE,
     DEFAULT_MAX_PIXELS,
@@ -157,9 +157,17 @@ def test_unreadable_paths(tmp_path):
     assert folder.skip_reason.startswith("unreadable: IsADirectoryError")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
+    # The fault is injected: file modes stop no one running as root (as CI and containers do).
     path = tmp_path / "locked.jpg"
     path.write_bytes(make.rgb_jpeg())
-    path.chmod(0)
-    assert check_file(str(path), OPTIONS).skip_reason.startswith("unreadable: PermissionError")
+    real_open = open
+
+    def locked_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(image_check, "open", locked_open, raising=False)
+    assert check_file(str(path), OPTIONS).skip_reason == "unreadable: PermissionError: Permission denied"
+    assert check_file(str(tmp_path / "missing.jpg"), OPTIONS).skip_reason.startswith("unreadable: FileNotFound")
