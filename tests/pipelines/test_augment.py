@@ -1,11 +1,13 @@
 """The batched stage against torchvision.transforms.v2.functional applied to each view alone, for the same draws."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from pipelines import augment
 from pipelines import batch as B
 from pipelines.augment import BatchAugment, draw_params, rotated_cells
 from pipelines.batch import check_batch
@@ -69,10 +71,21 @@ def test_stage_equals_torchvision_per_view(kernels, group_by, view):
     assert torch.equal(out[B.INDEX], batch[B.INDEX]) and torch.equal(out[B.LABEL], batch[B.LABEL])
 
 
-def test_compiled_kernels_equal_torchvision():
+def test_compiled_kernels_equal_torchvision(monkeypatch):
+    """The kernels really go through torch.compile: a failure to compile falls back to the eager kernels with a
+    warning, and those pass the comparison too."""
     recipe = SMALL
     batch = loader_batch(recipe, b=12)
-    out = BatchAugment(recipe, seed=1, kernels="compiled")(batch, epoch=0)
+    monkeypatch.setattr(augment, "_COMPILED", {})  # built here, whatever this process compiled before
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    stage = BatchAugment(recipe, seed=1, kernels="compiled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = stage(batch, epoch=0)
+    counters = torch._dynamo.utils.counters
+    assert stage.compile and counters["stats"]["unique_graphs"] > 0
+    assert counters["aot_autograd"]["ok"] == counters["aot_autograd"]["total"] > 0  # handed to inductor, built
     image, tiles = reference(batch, recipe, seed=1, epoch=0)
     torch.testing.assert_close(out[B.IMAGE], image, atol=ATOL, rtol=0)
     torch.testing.assert_close(out[B.PATCHES], tiles, atol=ATOL, rtol=0)

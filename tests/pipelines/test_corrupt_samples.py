@@ -1,4 +1,5 @@
-"""Corrupt records inside the data: every backend leaves them out, counts them, and stops past the limit.
+"""Corrupt records inside the data: every backend leaves them out, counts them, and stops past the limit (DALI
+only those the structure check catches: an undecodable scan stops its pipeline).
 
 The records are damaged in place (same length), as storage or a copy damages them: the manifest's sizes still
 match, so only the sample itself can tell.
@@ -7,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import simplejpeg
 import torch
 
 import pipelines
@@ -44,9 +46,23 @@ def claim_huge_size(jpg: bytes) -> bytes:
     raise AssertionError("no SOF marker")
 
 
+def undefined_huffman_table(jpg: bytes) -> bytes:
+    """The scan header's table selectors changed to Huffman tables the file never defines: every header checks
+    out, and the decoder fails as it starts on the entropy-coded data."""
+    data = bytearray(jpg)
+    sos = data.find(b"\xff\xda")
+    for c in range(data[sos + 4]):  # length (2 bytes), component count, then (component id, table selectors)
+        data[sos + 6 + 2 * c] = 0x33
+    return bytes(data)
+
+
 # global index -> damage; spread over different shards and batches
 DAMAGE = {5: garbage, 12: lost_tail, 20: claim_huge_size}
-REASONS = {5: "not a JPEG", 12: "truncated", 20: "30000x30000 = 900,000,000 pixels.*decompression bomb"}
+# Damage the structure check cannot see: the reference's and FFCV's decoders fail, and the sample is skipped the
+# same way. DALI's decoder stops its pipeline instead (test_an_undecodable_sample_stops_dali).
+UNDECODABLE = {27: undefined_huffman_table}
+REASONS = {5: "not a JPEG", 12: "truncated", 20: "30000x30000 = 900,000,000 pixels.*decompression bomb",
+           27: "its JPEG could not be decoded"}
 
 
 def test_the_check_passes_sound_jpegs_and_names_each_damage(small_shards):
@@ -60,15 +76,19 @@ def test_the_check_passes_sound_jpegs_and_names_each_damage(small_shards):
     assert "truncated" in jpeg_problem(jpg[: len(jpg) // 2])  # cut, not zeroed
     assert jpeg_problem(jpg + b"trailing bytes") is None  # data after the end-of-image marker is allowed
     assert "truncated inside its headers" in jpeg_problem(jpg[:40])
+    undecodable = undefined_huffman_table(jpgs[27])
+    assert jpeg_problem(undecodable) is None and len(undecodable) == len(jpgs[27])
+    with pytest.raises(ValueError, match="Huffman table 0x03 was not defined"):
+        simplejpeg.decode_jpeg(undecodable)  # the reference's decoder
 
 
-def damage_shards(src, dst) -> dict[int, str]:
-    """A copy of the shard folder with DAMAGE applied in place; returns index -> its tar's path."""
+def damage_shards(src, dst, damages) -> dict[int, str]:
+    """A copy of the shard folder with `damages` applied in place; returns index -> its tar's path."""
     shutil.copytree(src, dst)
     table = build_sample_table(dst)
     reader = ShardReader(table)
     where = {}
-    for i, damage in DAMAGE.items():
+    for i, damage in damages.items():
         jpg = bytes(reader.read(i).jpg)
         shard = table.tar_paths[int(table.shard[i])]
         with open(shard, "r+b") as f:
@@ -78,8 +98,8 @@ def damage_shards(src, dst) -> dict[int, str]:
     return where
 
 
-def damage_beton(small_shards, intact, dst) -> dict[int, str]:
-    """A .beton of the intact shards (kept in `intact`), copied to `dst` with DAMAGE applied to its stored JPEG
+def damage_beton(small_shards, intact, dst, damages) -> dict[int, str]:
+    """A .beton of the intact shards (kept in `intact`), copied to `dst` with `damages` applied to its stored JPEG
     bytes in place."""
     pytest.importorskip("ffcv")
     from tools.sharding.beton import build_beton
@@ -89,25 +109,27 @@ def damage_beton(small_shards, intact, dst) -> dict[int, str]:
     beton = dst / "dataset.beton"
     data = bytearray(beton.read_bytes())
     reader = ShardReader(build_sample_table(small_shards))
-    for i, damage in DAMAGE.items():
+    for i, damage in damages.items():
         jpg = bytes(reader.read(i).jpg)
         at = data.find(jpg)
         assert at >= 0 and data.find(jpg, at + 1) < 0, "the stored JPEG must be found once"
         data[at:at + len(jpg)] = damage(jpg)
     beton.write_bytes(bytes(data))
-    return {i: str(beton) for i in DAMAGE}
+    return {i: str(beton) for i in damages}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def damaged(request, small_shards, tmp_path_factory):
-    """(backend, damaged data, the same data intact, index -> the file named in messages)."""
+    """(backend, damaged data, the same data intact, damaged index -> the file named in messages)."""
     backend = request.param
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
+    damages = DAMAGE if backend == "dali" else {**DAMAGE, **UNDECODABLE}
     root = tmp_path_factory.mktemp(f"damaged_{backend}")
     if backend == "ffcv":
-        return backend, root / "data", root / "intact", damage_beton(small_shards, root / "intact", root / "data")
-    return backend, root / "data", small_shards, damage_shards(small_shards, root / "data")
+        where = damage_beton(small_shards, root / "intact", root / "data", damages)
+        return backend, root / "data", root / "intact", where
+    return backend, root / "data", small_shards, damage_shards(small_shards, root / "data", damages)
 
 
 def make(backend, data, recipe, **kw):
@@ -129,27 +151,27 @@ def test_corrupt_samples_are_left_out_and_the_rest_is_unchanged(damaged, small_r
     intact = run_epoch(make(backend, intact_data, small_recipe, mode=mode, with_geometry=mode == "pretrain"), 1)
     assert len(batches) == len(loader)  # the same number of steps
     seen = torch.cat([b[B.INDEX] for b in batches]).tolist()
-    assert sorted(seen) == sorted(set(range(N)) - set(DAMAGE))
-    assert sorted(loader.skipped) == sorted(DAMAGE)
+    assert sorted(seen) == sorted(set(range(N)) - set(where))
+    assert sorted(loader.skipped) == sorted(where)
     err = capsys.readouterr().err
-    for i in DAMAGE:
+    for i in where:
         assert f"skipped {where[i]} sample {i:09d}" in err
     # Every other sample keeps its views: they depend on (seed, epoch, index) alone.
     for got, full in zip(batches, intact, strict=True):
-        keep = ~torch.isin(full[B.INDEX], torch.tensor(list(DAMAGE)))
+        keep = ~torch.isin(full[B.INDEX], torch.tensor(list(where)))
         assert sorted(got) == sorted(full)
         for key in got:
             assert torch.equal(got[key].cpu(), full[key][keep].cpu()), key
 
 
 def test_two_ranks_keep_equal_steps_and_every_sound_sample_once(damaged, small_recipe):
-    backend, data, _, _ = damaged
+    backend, data, _, where = damaged
     loaders = [make(backend, data, small_recipe, rank=r, world_size=2, batch_size=3) for r in range(2)]
     epochs = [run_epoch(loader, 2) for loader in loaders]
     assert len(epochs[0]) == len(epochs[1]) == len(loaders[0])
     seen = torch.cat([b[B.INDEX] for e in epochs for b in e]).tolist()
-    assert sorted(seen) == sorted(set(range(N)) - set(DAMAGE))
-    assert sorted(loaders[0].skipped + loaders[1].skipped) == sorted(DAMAGE)
+    assert sorted(seen) == sorted(set(range(N)) - set(where))
+    assert sorted(loaders[0].skipped + loaders[1].skipped) == sorted(where)
 
 
 def test_past_the_limit_the_error_names_the_file_and_the_sample(damaged, small_recipe):
@@ -160,14 +182,14 @@ def test_past_the_limit_the_error_names_the_file_and_the_sample(damaged, small_r
     with pytest.raises(CorruptSamples, match=rf"{where[20]} sample 000000020: .*{REASONS[20]}.*corrupt sample 3 of "
                                              r"epoch 0 on rank 0, more than max_skipped_per_epoch = 2"):
         list(loader)
-    loader.max_skipped_per_epoch = 3
+    loader.max_skipped_per_epoch = len(where)
     assert len(run_epoch(loader)) == len(loader)  # the count starts again with every epoch
 
 
 def test_each_damage_is_named(damaged, small_recipe):
     backend, data, _, where = damaged
     loader = make(backend, data, small_recipe, mode="eval", batch_size=8)
-    for i in DAMAGE:
+    for i in where:
         loader.max_skipped_per_epoch = 0
         loader.set_epoch(0, start_step=i // 8)
         with pytest.raises(CorruptSamples, match=rf"{where[i]} sample {i:09d}: .*{REASONS[i]}"):
@@ -185,21 +207,48 @@ def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(damaged, small_recip
         next(iter(loader))
 
 
-def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_path, capsys):
+def test_an_undecodable_sample_stops_dali(small_shards, small_recipe, tmp_path):
+    """DALI decodes inside its pipeline, where a sample can no longer be left out: damage the structure check
+    cannot see stops the epoch with the decoder's error instead of training on wrong pixels."""
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali_options import DaliOptions
+
+    damage_shards(small_shards, tmp_path / "data", UNDECODABLE)
+    loader = make("dali", tmp_path / "data", small_recipe, mode="eval", batch_size=8,
+                  options=DaliOptions(decode_device="cpu"))
+    loader.set_epoch(0)
+    with pytest.raises(RuntimeError, match=r"decoders\.image(.|\n)*Failed to decode sample #3"):  # 27 = 24 + 3
+        list(loader)
+
+
+def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_path, capsys, monkeypatch):
     import json
 
     from tests.train.conftest import tiny_overrides
     from train import pirl
 
     backend, data, _, where = damaged
+    steps = []  # (rows, loss) of each step's batch, as the loss saw it
+    real_losses = pirl.contrastive_losses
+
+    def losses_seen(cfg, net, bank, image, patches, index, *rest):
+        losses, log_z = real_losses(cfg, net, bank, image, patches, index, *rest)
+        steps.append((len(index), losses["loss"].item()))
+        return losses, log_z
+
+    monkeypatch.setattr(pirl, "contrastive_losses", losses_seen)
     run = tmp_path / "run"
     args = [*tiny_overrides(data, run), f"--data.backend={backend}", "--optim.epochs=1"]
     record = pirl.main(args)
-    assert record["skipped"] == len(DAMAGE) and record["step"] == 4  # 31 samples, 8 a batch: the same 4 steps
+    assert record["skipped"] == len(where) and record["step"] == 4  # 31 samples, 8 a batch: the same 4 steps
     logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in logged][-1] == len(DAMAGE)
+    assert [r["skipped"] for r in logged][-1] == len(where)
+    # Every sound sample trained once, in batches one row shorter per corrupt sample; each step's logged loss is
+    # the loss of the rows that remained (the mean over them), not scaled as if the corrupt rows had counted.
+    assert sum(rows for rows, _ in steps) == N - len(where) and min(rows for rows, _ in steps) < 8
+    assert [r["loss"] for r in logged if "loss" in r] == pytest.approx([loss for _, loss in steps], rel=1e-6)
     err = capsys.readouterr().err
-    assert f"skipped={len(DAMAGE)}" in err  # the progress line
+    assert f"skipped={len(where)}" in err  # the progress line
     assert f"skipped {where[20]} sample 000000020" in err
     with pytest.raises(CorruptSamples, match=rf"{data}.* sample 0000000\d\d: .*max_skipped_per_epoch = 1"):
         pirl.main([*args, f"--run.out_dir={tmp_path / 'strict'}", "--data.max_skipped_per_epoch=1"])

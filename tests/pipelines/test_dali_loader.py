@@ -14,12 +14,13 @@ from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
 CPU = DaliOptions(decode_device="cpu")
-# Mean absolute difference per channel (uint8 levels) between DALI's and the reference's views of the same crop
-# boxes. Both filters are antialiased bilinear; they differ in fixed-point rounding and at the crop's border
-# (DALI's ROI resize reads the pixels just outside the box, torch's crop-then-resize clamps at it). Measured:
-# at most 0.19 on 48 ImageNet photos at 224 / 255 / 64, at most 0.30 on the small noisy test JPEGs.
-MAD_BOUND_SYNTHETIC = 0.5
-MAD_BOUND_PHOTOS = 0.4
+# Mean absolute difference of each view (the image or one tile), per channel (uint8 levels), between DALI's and
+# the reference's views of the same crop boxes. Both filters are antialiased bilinear; they differ in fixed-point
+# rounding and at the crop's border (DALI's ROI resize reads the pixels just outside the box, torch's
+# crop-then-resize clamps at it). Measured, the worst view: 0.34 on 48 ImageNet photos at 224 / 255 / 64, 0.46 on
+# the small noisy test JPEGs (0.20 in eval mode). A box one pixel off gives up to 14 on those JPEGs.
+MAD_BOUND_SYNTHETIC = 0.75
+MAD_BOUND_PHOTOS = 0.6
 
 
 def make(backend, shards, recipe, **kw):
@@ -35,10 +36,9 @@ def epoch(loader, e, start_step=0):
     return list(loader)
 
 
-def mad_per_channel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    channel_dim = a.dim() - 3
-    dims = [d for d in range(a.dim()) if d != channel_dim]
-    return (a.float() - b.float()).abs().mean(dim=dims)
+def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., 3): mean absolute difference of each view (image or tile), per channel."""
+    return (a.float() - b.float()).abs().mean(dim=(-2, -1))
 
 
 @pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
@@ -53,7 +53,7 @@ def test_same_crops_as_the_reference_and_close_pixels(small_shards, small_recipe
         for key in (B.INDEX, B.LABEL, *B.GEOMETRY_KEYS):  # same samples, same drawn geometry
             assert torch.equal(a[key], b[key]), key
         for key in (B.IMAGE, B.PATCHES):
-            assert (mad_per_channel(a[key], b[key]) <= MAD_BOUND_SYNTHETIC).all(), key
+            assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_SYNTHETIC).all(), key
 
 
 def test_eval_mode_matches_the_reference(small_shards, small_recipe):
@@ -63,7 +63,7 @@ def test_eval_mode_matches_the_reference(small_shards, small_recipe):
     for a, b in zip(dali, ref, strict=True):
         check_loader_batch(a, recipe, labelled=True, mode="eval")
         assert a[B.INDEX].tolist() == b[B.INDEX].tolist()  # identity order
-        assert (mad_per_channel(a[B.IMAGE], b[B.IMAGE]) <= MAD_BOUND_SYNTHETIC).all()
+        assert (mad_per_view(a[B.IMAGE], b[B.IMAGE]) <= MAD_BOUND_SYNTHETIC).all()
     with pytest.raises(NotImplementedError, match="DaliLoader plans its epochs itself"):
         make("dali", small_shards, recipe, mode="eval", batch_size=8).select([0, 1])  # the kNN monitor drops rows
 
@@ -153,15 +153,26 @@ def test_real_photos_close_to_the_reference(real_data, tmp_path_factory):
         for key in B.GEOMETRY_KEYS:
             assert torch.equal(a[key], b[key]), key
         for key in (B.IMAGE, B.PATCHES):
-            assert (mad_per_channel(a[key], b[key]) <= MAD_BOUND_PHOTOS).all(), key
+            assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_PHOTOS).all(), key
 
 
 def test_spawned_workers_give_the_same_batches(small_shards, small_recipe, monkeypatch):
     """Once CUDA is initialised (training on a GPU) the source's workers are spawned, not forked: the
     source must pickle and give the same batches."""
+    from nvidia.dali._multiproc.pool import ProcPool
+
+    started = []  # the start method of each pool's worker processes, as they are started
+    real_start = ProcPool._start_processes
+
+    def start(self, mp, start_method, write_sockets):
+        started.append({process._start_method for process in self._processes})
+        return real_start(self, mp, start_method, write_sockets)
+
+    monkeypatch.setattr(ProcPool, "_start_processes", start)
     forked = epoch(make("dali", small_shards, small_recipe, num_workers=2), 1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     spawned = epoch(make("dali", small_shards, small_recipe, num_workers=2), 1)
+    assert started == [{"fork"}, {"spawn"}]
     for a, b in zip(forked, spawned, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
 

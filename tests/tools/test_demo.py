@@ -3,8 +3,13 @@ both trunks' probes under both protocols, summary.json, summary.png and the fina
 import json
 
 import pytest
+import torch
 
+from model.trunk import build_trunk
+from tests.train.test_knn_monitor import brute_force_knn_top1
 from tools import demo
+from train import checkpoint
+from train.config import PirlConfig, load_config
 
 
 def test_the_main_job_compares_pirls_worse_protocol_with_random_inits_better_one(tmp_path, capsys):
@@ -23,9 +28,21 @@ def test_the_main_job_compares_pirls_worse_protocol_with_random_inits_better_one
     assert summary["pirl_top1"] == min(p["top1"] for p in probes["pirl"].values())
     assert summary["random_init_top1"] == max(p["top1"] for p in probes["random_init"].values())
     assert summary["margin"] == pytest.approx(summary["pirl_top1"] - summary["random_init_top1"])
-    assert 0.0 <= summary["knn_random_init_top1"] <= 100.0
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "knn_top1" in r] == [1, 2, 3, 4]
+    knn = [r for r in log if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [1, 2, 3, 4]
+    # both kNN values recomputed by a brute-force vote: the random-init trunk (seed 0, as the probe's) and the
+    # trunk of the last step's checkpoint
+    cfg = load_config(PirlConfig, str(demo.CONFIG), [f"--data.shards={out / 'shards' / 'train'}"])
+    shards = (out / "shards" / "train", out / "shards" / "test", cfg.data.recipe)
+    vote = dict(k=cfg.knn.k, temperature=cfg.knn.temperature)
+    torch.manual_seed(0)
+    trunk, _ = build_trunk(cfg.model.arch)
+    assert summary["knn_random_init_top1"] == pytest.approx(brute_force_knn_top1(trunk, *shards, **vote), abs=1e-4)
+    state = checkpoint.load(summary["checkpoint"])
+    assert state["step"] == 4
+    trunk.load_state_dict({k[len("trunk."):]: v for k, v in state["model"].items() if k.startswith("trunk.")})
+    assert knn[-1]["knn_top1"] == pytest.approx(brute_force_knn_top1(trunk, *shards, **vote), abs=1e-4)
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert f"vs random init best {summary['random_init_top1']:.1f}%: {summary['margin']:+.1f} points" in printed

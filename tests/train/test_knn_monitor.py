@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipelines
 from model.trunk import build_trunk
+from pipelines.augment import BatchAugment
 from pipelines.recipe import PirlRecipe
 from train import knn_monitor
 
@@ -56,18 +58,60 @@ def test_subsample_indexes_are_spread_evenly():
     assert len(set(knn_monitor.subsample_indexes(1000, 999).tolist())) == 999
 
 
+@torch.no_grad()
+def brute_force_features(trunk, shards, recipe, cap=None):
+    """L2-normalised trunk outputs and labels of the centre-cropped eval view, sample by sample in index order;
+    `cap` keeps floor(i * N / cap) for i < cap, as the monitor's subset."""
+    loader = pipelines.make_loader("reference", str(shards), recipe, batch_size=16, num_workers=0, mode="eval")
+    loader.set_epoch(0)
+    stage, feats, labels, index = BatchAugment(recipe), [], [], []
+    for batch in loader:
+        feats.append(F.normalize(trunk(stage.eval(batch)["image"]).float(), dim=1))
+        labels.append(batch["label"])
+        index.append(batch["index"])
+    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    n = len(index)
+    wanted = sorted({i * n // cap for i in range(cap)}) if cap and cap < n else list(range(n))
+    rows = [index.tolist().index(i) for i in wanted]
+    return feats[rows], labels[rows]
+
+
+def brute_force_knn_top1(trunk, train_shards, test_shards, recipe, k, temperature, max_train=None, max_test=None):
+    """NPID's weighted vote written out: every test row sorts all train rows by cosine, its k first vote
+    exp(cos / T) for their class; top-1 in percent."""
+    was_training = trunk.training
+    trunk.eval()
+    train, y_train = brute_force_features(trunk, train_shards, recipe, max_train)
+    test, y_test = brute_force_features(trunk, test_shards, recipe, max_test)
+    trunk.train(was_training)
+    correct = 0
+    for row, label in zip(test, y_test.tolist()):
+        sims = train @ row
+        votes: dict[int, float] = {}
+        for j in sims.argsort(descending=True)[:k].tolist():
+            votes[int(y_train[j])] = votes.get(int(y_train[j]), 0.0) + math.exp(float(sims[j]) / temperature)
+        correct += max(votes, key=votes.get) == label
+    return 100.0 * correct / len(y_test)
+
+
 @pytest.fixture
 def monitor(synthetic_shards):
     return knn_monitor.KnnMonitor(str(synthetic_shards), str(synthetic_shards), PirlRecipe(), image_size=32,
                                   batch_size=8, num_workers=0, max_train=20)
 
 
-def test_evaluate_on_shards_with_a_resnet18_trunk(monitor):
+def test_evaluate_on_shards_with_a_resnet18_trunk_equals_a_brute_force_vote(monitor, synthetic_shards):
     torch.manual_seed(0)
     trunk, _ = build_trunk("resnet18")
     result = monitor.evaluate(trunk, "cpu")
-    assert isinstance(result["knn_top1"], float) and 0.0 <= result["knn_top1"] <= 100.0
+    expected = brute_force_knn_top1(trunk, synthetic_shards, synthetic_shards, monitor.recipe, 20,
+                                    0.07, max_train=20)
+    assert result["knn_top1"] == pytest.approx(expected, abs=1e-4)  # float32 percent
     assert result == {**result, "knn_k": 20, "knn_num_train": 20, "knn_num_test": 30}
+    monitor.k = 5  # fewer voters than training images: the vote is no longer every train row's
+    expected = brute_force_knn_top1(trunk, synthetic_shards, synthetic_shards, monitor.recipe, 5,
+                                    0.07, max_train=20)
+    assert monitor.evaluate(trunk, "cpu")["knn_top1"] == pytest.approx(expected, abs=1e-4)  # float32 percent
     assert monitor.recipe.image_size == 32 and PirlRecipe().image_size == 224
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.trunk import build_trunk
 from train import linear_probe
@@ -53,13 +54,41 @@ def test_probe_reports_every_layer_and_the_best_one(synthetic_shards, tmp_path):
     assert result["best_layer"] == max(result["per_layer"], key=result["per_layer"].get)
     assert result["top1"] == result["per_layer"][result["best_layer"]]
     assert result["feature_dim"] == RESNET18_DIMS[result["best_layer"]]
-    assert all(0.0 <= top1 <= 100.0 for top1 in result["per_layer"].values())
+    # the same shards on both sides: the test features are the training features, so are their scores
+    assert result["per_layer"] == result["per_layer_train"]
     assert result["bn"] == "precise" and result["num_train"] == result["num_test"] == 30
     grid = linear_probe.ProbeConfig().weight_decays
     assert set(result["weight_decay"]) == set(result["per_layer_validation"]) == set(linear_probe.STAGES)
     assert all(decay in grid for decay in result["weight_decay"].values())
-    assert all(0.0 <= top1 <= 100.0 for top1 in result["per_layer_validation"].values())
+    # held out: 6 of the 30 images, so a multiple of 100 / 6
+    assert all(round(top1 * 6 / 100, 4).is_integer() for top1 in result["per_layer_validation"].values())
     assert json.loads(out.read_text()) == result
+
+
+def test_probe_scores_the_test_split_with_the_classifier_fitted_on_the_train_split(synthetic_shards, monkeypatch):
+    """Features with known answers in place of the trunk's: res2 is the one-hot label (plus noise) on both
+    splits, so 100 %; res3 is that on the training split but the one-hot of a wrong class on 24 of the 30 test
+    images, so exactly 20 % on the test split while 100 % on the training split."""
+    gen = torch.Generator().manual_seed(0)
+    y_train, y_test = torch.arange(60) % 10, torch.arange(30) % 10
+    shown = y_test.clone()
+    shown[6:] = (y_test[6:] + 1 + torch.arange(24) % 9) % 10  # never the true class
+    one_hot = lambda y: F.one_hot(y, 10).float() + 0.05 * torch.randn(len(y), 10, generator=gen)  # noqa: E731
+    features = {"train": ({"res2": one_hot(y_train), "res3": one_hot(y_train)}, y_train),
+                "test": ({"res2": one_hot(y_test), "res3": one_hot(shown)}, y_test)}
+
+    def extract(trunk, shards, recipe, cfg, what, layers):
+        feats, labels = features[what]
+        return {name: feats[name] for name in layers}, labels, 10
+
+    monkeypatch.setattr(linear_probe, "extract", extract)
+    result = linear_probe.main([f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}",
+                                "--arch=resnet18", "--layers=[res2,res3]", "--epochs=50", "--lr=0.05"])
+    assert result["per_layer"] == pytest.approx({"res2": 100.0, "res3": 20.0})  # float32 percents
+    assert result["per_layer_train"] == pytest.approx({"res2": 100.0, "res3": 100.0})
+    assert result["per_layer_validation"] == pytest.approx({"res2": 100.0, "res3": 100.0})
+    assert (result["best_layer"], result["top1"], result["train_top1"]) == ("res2", 100.0, 100.0)
+    assert (result["num_train"], result["num_test"], result["num_classes"]) == (60, 30, 10)
 
 
 def test_probe_on_a_subset_with_running_batchnorm(synthetic_shards):

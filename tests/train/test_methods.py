@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import pipelines
+from model.trunk import build_trunk
 from pipelines import batch as B
 from pipelines.augment import BatchAugment
 from tests.train.conftest import tiny_overrides
+from tests.train.test_knn_monitor import brute_force_knn_top1
 from train import checkpoint, linear_probe, pirl
 from train.config import ConfigError, PirlConfig, load_config
 from train.methods import covariant_target
@@ -34,10 +36,13 @@ def test_each_method_trains_logs_its_terms_and_its_trunk_is_probed(synthetic_sha
     state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
     assert state["config"]["method"] == ("pirl" if method == "pirl_rotation" else method)
     assert (state["bank"] is None) == (method in ("jigsaw", "rotation", "supervised"))
-    result = linear_probe.main([f"--checkpoint={checkpoint.latest_checkpoint(tmp_path / 'run')}",
-                                f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}",
-                                "--num_workers=0", "--epochs=2", "--layers=[res5]"])
-    assert 0.0 <= result["top1"] <= 100.0
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    result = linear_probe.main([f"--checkpoint={latest}", f"--train_shards={synthetic_shards}",
+                                f"--test_shards={synthetic_shards}", "--num_workers=0", "--epochs=2",
+                                "--layers=[res5]"])
+    # the run's trunk at the run's crop size; the same shards on both sides score the same features the same
+    assert (result["trunk"], result["arch"], result["image_size"]) == (str(latest), "resnet18", 32)
+    assert result["top1"] == result["train_top1"] and result["num_train"] == result["num_test"] == 30
 
 
 def test_jigsaw_classifies_the_permutation_drawn_per_sample(synthetic_shards, tmp_path):
@@ -99,11 +104,21 @@ def test_resuming_with_another_method_is_refused(synthetic_shards, tmp_path):
 
 def test_knn_monitor_logs_every_n_steps_and_shows_in_the_progress_line(synthetic_shards, tmp_path, capsys):
     run(synthetic_shards, tmp_path / "run", "pirl", "--knn.every=2", f"--knn.test_shards={synthetic_shards}",
-        "--run.max_steps=4")
+        "--knn.max_train=20", "--run.max_steps=4")  # 10 test images are not among the voters
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn_top1" in r]
     assert [r["step"] for r in knn] == [2, 4]
-    assert all(0.0 <= r["knn_top1"] <= 100.0 and r["knn_k"] == 20 for r in knn)
+    assert all((r["knn_k"], r["knn_num_train"], r["knn_num_test"]) == (20, 20, 30) for r in knn)
+    # the last value, recomputed from the final checkpoint's trunk by a brute-force vote
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 4
+    trunk, _ = build_trunk("resnet18")
+    trunk.load_state_dict({k[len("trunk."):]: v for k, v in state["model"].items() if k.startswith("trunk.")})
+    cfg = load_config(PirlConfig, f"{METHOD_CONFIGS}/pirl.yaml", tiny_overrides(synthetic_shards, tmp_path))
+    recipe = cfg.data.recipe
+    expected = brute_force_knn_top1(trunk, synthetic_shards, synthetic_shards, recipe, k=20, temperature=0.07,
+                                    max_train=20)
+    assert knn[-1]["knn_top1"] == pytest.approx(expected, abs=1e-4)  # float32 percent
     assert "knn=" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="knn.test_shards"):
         run(synthetic_shards, tmp_path / "bad", "pirl", "--knn.every=2")
