@@ -20,13 +20,15 @@ afterwards, as for every backend, so pixels differ from the reference only by re
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
 from pipelines import BackendUnavailable
 from pipelines import batch as B
 from pipelines.dali_options import DaliOptions
-from pipelines.epoch_loader import EpochLoader, check_loader_args
+from pipelines.epoch_loader import CorruptSamples, EpochLoader, check_loader_args
 from pipelines.geometry import draw_sample_geometry
 from pipelines.jpeg_check import jpeg_problem
 from pipelines.recipe import PirlRecipe
@@ -36,6 +38,8 @@ from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
 from pipelines.views import eval_size, jpeg_header
 
 INSTALL_HINT = "pip install nvidia-dali-cuda130 (DEPENDENCIES.md); or choose data.backend=reference"
+# DALI's decoder names the failing row of the batch it was handed (the corrupt samples already left out).
+DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
 
 def _import_dali():
     try:
@@ -113,6 +117,19 @@ class SampleSource:
             step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
             raise RuntimeError(f"step {step} of epoch {epoch} on rank {self.rank}: every sample is corrupt")
         return tuple([row[name] for row in rows] for name in self.names)
+
+    def sent_rows(self, indexes: np.ndarray) -> list[int]:
+        """The samples of a batch that __call__ hands DALI, in order: those not left out as corrupt."""
+        kept = []
+        for i in indexes.tolist():
+            jpg = self.reader.read(int(i)).jpg
+            if jpeg_problem(jpg) is None:
+                try:
+                    jpeg_header(jpg)
+                except ValueError:
+                    continue
+                kept.append(int(i))
+        return kept
 
     def sample(self, epoch: int, raw, position: int) -> dict[str, np.ndarray] | None:
         """One sample's outputs (None where libjpeg-turbo cannot read its header); `position` is its row in the
@@ -213,6 +230,7 @@ class DaliLoader(EpochLoader):
 
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, options: DaliOptions, **kwargs):
         self._pipe = None
+        self._source: SampleSource | None = None
         super().__init__(table, recipe, **kwargs)
         self.options = options
         self.device = resolve_decode_device(options.decode_device)
@@ -226,6 +244,7 @@ class DaliLoader(EpochLoader):
         source = SampleSource(self.table, self.recipe, batch_size=self.batch_size, rank=self.rank,
                               world_size=self.world_size, seed=self.seed, mode=self.mode,
                               with_geometry=self.with_geometry, first_epoch=self.epoch, first_step=self.start_step)
+        self._source = source
         parallel = self.num_workers > 0
         device_id = torch.cuda.current_device() if self.device == "mixed" else None
         pipe = Pipeline(
@@ -247,8 +266,8 @@ class DaliLoader(EpochLoader):
             self._build()
         self._next = None  # until this epoch is read to its end
         epoch, steps = self.epoch, len(self) - self.start_step
-        for _ in range(steps):
-            yield self._to_batch(self._pipe.run())
+        for step in range(steps):
+            yield self._to_batch(self._run(batches[step]))
         try:
             self._pipe.run()
         except StopIteration:
@@ -256,6 +275,24 @@ class DaliLoader(EpochLoader):
         else:
             raise RuntimeError(f"DALI pipeline produced more than the {steps} steps of epoch {epoch}")
         self._next = (epoch + 1, 0)
+
+    def _run(self, want: np.ndarray):
+        """The next batch's outputs; a JPEG whose headers are sound but whose coded data DALI cannot decode stops
+        the epoch (DALI cannot leave a sample out once it decodes), with an error naming the sample."""
+        try:
+            return self._pipe.run()
+        except RuntimeError as err:
+            failed = DECODE_FAILURE.search(str(err))
+            sent = self._source.sent_rows(want) if failed else []
+            if not failed or int(failed.group(1)) >= len(sent):
+                raise
+            i = sent[int(failed.group(1))]
+            raise CorruptSamples(
+                f"{self.sample_location(i)}: its JPEG could not be decoded (DALI: {failed.group(0)} of the batch; the "
+                "decoder's own message is above): DALI stops at such a sample, where the reference and FFCV backends "
+                "leave it out; remake the shards (tools/make_shards.py decodes every image) or train with "
+                "data.backend=reference"
+            ) from err
 
     def _to_batch(self, outputs) -> B.Batch:
         batch = {name: self._to_torch(out) for name, out in zip(self._names, outputs)}

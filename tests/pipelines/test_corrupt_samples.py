@@ -207,18 +207,26 @@ def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(damaged, small_recip
         next(iter(loader))
 
 
-def test_an_undecodable_sample_stops_dali(small_shards, small_recipe, tmp_path):
+@pytest.mark.parametrize("mode, workers", [("eval", 0), ("pretrain", 2)])
+def test_an_undecodable_sample_stops_dali_naming_it(small_shards, small_recipe, tmp_path, mode, workers):
     """DALI decodes inside its pipeline, where a sample can no longer be left out: damage the structure check
-    cannot see stops the epoch with the decoder's error instead of training on wrong pixels."""
+    cannot see stops the epoch at that sample's step, and the error names its shard and index (DALI itself only
+    says which row of its batch failed: the rows before it in the step, less those left out, give the sample)."""
     pytest.importorskip("nvidia.dali")
     from pipelines.dali_options import DaliOptions
 
-    damage_shards(small_shards, tmp_path / "data", UNDECODABLE)
-    loader = make("dali", tmp_path / "data", small_recipe, mode="eval", batch_size=8,
+    # 24 is left out before DALI sees its step (eval: 24-30), so 27 is the batch's row 2, not 3
+    where = damage_shards(small_shards, tmp_path / "data", {**DAMAGE, 24: lost_tail, **UNDECODABLE})
+    loader = make("dali", tmp_path / "data", small_recipe, mode=mode, batch_size=8, num_workers=workers,
                   options=DaliOptions(decode_device="cpu"))
     loader.set_epoch(0)
-    with pytest.raises(RuntimeError, match=r"decoders\.image(.|\n)*Failed to decode sample #3"):  # 27 = 24 + 3
-        list(loader)
+    (step,) = [s for s, batch in enumerate(loader.batches()) if 27 in batch]
+    read = []
+    with pytest.raises(CorruptSamples, match=rf"^{where[27]} sample 000000027: its JPEG could not be decoded "
+                                             r"\(DALI: Failed to decode sample #\d+ of the batch"):
+        for batch in loader:
+            read.append(batch)
+    assert len(read) == step  # every step before the damaged one was trained on
 
 
 def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_path, capsys, monkeypatch):
