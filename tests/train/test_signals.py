@@ -1,5 +1,6 @@
 """Real signals to a real training process: SIGTERM checkpoints and exits cleanly, SIGKILL loses nothing that
---resume cannot redo; either way the resumed run's losses are the uninterrupted run's."""
+--resume cannot redo; either way the resumed run continues from the checkpoint's step and its losses are the
+uninterrupted run's."""
 import os
 import signal
 import subprocess
@@ -21,17 +22,23 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(out_dir / "log.jsonl")}  # later lines win: resumed ones
 
 
+def logged_steps(out_dir: Path) -> list[int]:
+    """Every logged step in order: the log is appended to, so a run that ignored --resume would repeat 1, 2, ..."""
+    return [r["step"] for r in read_jsonl(out_dir / "log.jsonl")]
+
+
 def start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "train" / "pirl.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_to_end(args: list[str]) -> None:
-    """A whole run in a process like the interrupted one (same thread settings: the same float results)."""
+def run_to_end(args: list[str]) -> str:
+    """A whole run in a process like the interrupted one (same thread settings: the same float results); its stdout."""
     process = start(args)
-    _, err = process.communicate(timeout=600)
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-2000:]
+    return out
 
 
 def wait_for_steps(process: subprocess.Popen, out_dir: Path, steps: int, timeout: float = 240.0) -> None:
@@ -58,9 +65,11 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(synthetic_sha
     assert process.returncode == 0, err[-2000:]
     stopped_at = checkpoint.load(checkpoint.latest_checkpoint(run))["step"]
     assert stopped_at >= 2 and f"stopped on SIGTERM after step {stopped_at}" in out + err
-    assert max(losses(run)) == stopped_at  # the step it checkpointed is the last one it trained
+    assert logged_steps(run) == list(range(1, stopped_at + 1))  # the step it checkpointed is the last one it trained
 
-    run_to_end([*args, f"--run.max_steps={stopped_at + 2}", "--resume"])
+    out = run_to_end([*args, f"--run.max_steps={stopped_at + 2}", "--resume"])
+    assert f"resumed from {checkpoint.checkpoint_path(run, stopped_at)} at step {stopped_at}" in out
+    assert logged_steps(run) == list(range(1, stopped_at + 3))
     alone = tmp_path / "alone"
     run_to_end([*tiny_overrides(synthetic_shards, alone), *LONG, f"--run.max_steps={stopped_at + 2}"])
     resumed, expected = losses(run), losses(alone)
@@ -78,9 +87,13 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(synthetic_shard
     process.communicate(timeout=60)
     latest = checkpoint.latest_checkpoint(run)
     resumed_from = checkpoint.load(latest)["step"]  # loads: a half-written file is never taken for one
-    assert resumed_from >= 2
+    before = logged_steps(run)
+    assert resumed_from >= 2 and before == list(range(1, len(before) + 1)) and resumed_from <= before[-1]
 
-    run_to_end([*args, f"--run.max_steps={resumed_from + 3}", "--resume"])
+    out = run_to_end([*args, f"--run.max_steps={resumed_from + 3}", "--resume"])
+    assert f"resumed from {latest} at step {resumed_from}" in out
+    # A step logged after the last checkpoint is trained again; nothing before that checkpoint is.
+    assert logged_steps(run) == before + list(range(resumed_from + 1, resumed_from + 4))
     alone = tmp_path / "alone"
     run_to_end([*tiny_overrides(synthetic_shards, alone), *LONG, f"--run.max_steps={resumed_from + 3}"])
     resumed, expected = losses(run), losses(alone)
