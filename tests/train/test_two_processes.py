@@ -19,9 +19,9 @@ from train.run_log import read_jsonl
 REPO = Path(__file__).resolve().parents[2]
 
 
-def launch_two(args: list[str], port: int) -> None:
-    """train/pirl.py under `accelerate launch` with 2 CPU processes over gloo (DEPENDENCIES.md: the flags that
-    work; `--cpu --num_processes 2` silently runs one process)."""
+def two_process_command(args: list[str], port: int) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of train/pirl.py under `accelerate launch` with 2 CPU processes over gloo
+    (DEPENDENCIES.md: the flags that work; `--cpu --num_processes 2` silently runs one process)."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("the accelerate launcher is not on PATH")
@@ -29,9 +29,14 @@ def launch_two(args: list[str], port: int) -> None:
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train" / "pirl.py"), *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    return command, {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+
+
+def launch_two(args: list[str], port: int) -> subprocess.CompletedProcess:
+    command, env = two_process_command(args, port)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def losses(out_dir) -> dict[int, float]:
