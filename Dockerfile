@@ -19,8 +19,8 @@ COPY tools/install.sh tools/install.sh
 RUN bash tools/install.sh system --clean
 
 COPY . .
-# The base image's torch 2.14.1 satisfies pyproject.toml's pin, so pip keeps it (no second multi-GB download).
-RUN bash tools/install.sh python ".[ffcv]"
+# The base image's torch 2.14.1 is constraints.txt's, so pip keeps it (no second multi-GB download).
+RUN bash tools/install.sh python ".[dali,ffcv]"
 
 ENTRYPOINT ["accelerate", "launch", "train/pirl.py"]
 CMD ["--help"]

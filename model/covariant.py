@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.permutations import max_hamming_permutations
-from pipelines.rng import PURPOSE_JIGSAW_LABEL, counter_words, derive_seed
+from pirl_trainer.model.permutations import max_hamming_permutations
+from pirl_trainer.pipelines.rng import PURPOSE_JIGSAW_LABEL, counter_words, derive_seed
 
 NUM_ROTATIONS = 4  # 0, 90, 180, 270 degrees (Gidaris et al. 2018, section 2.2)
 
@@ -131,7 +131,7 @@ class CovariantNet(nn.Module):
     def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9,
                  num_classes: int | None = None):
         super().__init__()
-        from model.trunk import build_trunk  # the trunk is torchvision's (plus model.small_maps, torch only)
+        from pirl_trainer.model.trunk import build_trunk  # the trunk is torchvision's (plus model.small_maps, torch only)
 
         self.trunk, self.feature_dim = build_trunk(arch)
         if method == "jigsaw":

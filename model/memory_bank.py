@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from model.losses import Negatives
-from pipelines.rng import (PURPOSE_BANK_INIT, PURPOSE_NEGATIVES, PURPOSE_SHARED_NEGATIVES, counter_words,
+from pirl_trainer.model.losses import Negatives
+from pirl_trainer.pipelines.rng import (PURPOSE_BANK_INIT, PURPOSE_NEGATIVES, PURPOSE_SHARED_NEGATIVES, counter_words,
                           derive_seed)
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

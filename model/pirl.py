@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from model.heads import ImageHead, JigsawHead, RotationHead
-from model.trunk import build_trunk
+from pirl_trainer.model.heads import ImageHead, JigsawHead, RotationHead
+from pirl_trainer.model.trunk import build_trunk
 
 
 @contextmanager

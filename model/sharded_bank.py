@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from model.memory_bank import (
+from pirl_trainer.model.memory_bank import (
     broadcast_source, check_bank_dtype, check_update, counter_unit_rows, draw_negatives, ema_rows,
 )
 

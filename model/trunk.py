@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch.nn as nn
 from torchvision import models
 
-from model.small_maps import use_small_map_convs
+from pirl_trainer.model.small_maps import use_small_map_convs
 
 # Explicit table (DESIGN.md: no registries). ResNet-50 is the paper's trunk (section 2.3);
 # the smaller ones keep tests and CPU runs cheap.

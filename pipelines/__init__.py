@@ -6,12 +6,12 @@ importing either costs seconds, so `import pipelines` must not pull them in.
 
 import importlib
 
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 BACKENDS = {
-    "reference": "pipelines.reference:make_loader",
-    "dali": "pipelines.dali_loader:make_loader",
-    "ffcv": "pipelines.ffcv_loader:make_loader",
+    "reference": "pirl_trainer.pipelines.reference:make_loader",
+    "dali": "pirl_trainer.pipelines.dali_loader:make_loader",
+    "ffcv": "pirl_trainer.pipelines.ffcv_loader:make_loader",
 }
 
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines import batch as B
-from pipelines import paint_cpu
-from pipelines.photometric import (
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines import paint_cpu
+from pirl_trainer.pipelines.photometric import (
     BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, LUMA, NONE, SATURATION, Jitter, draw_jitter,
 )
-from pipelines.recipe import PirlRecipe
-from pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
 
 # Per view slot: the jitter's uniforms, then a flip coin and a rotation draw.
 _FLIP, _ROTATION = JITTER_DRAWS, JITTER_DRAWS + 1

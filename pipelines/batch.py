@@ -20,8 +20,8 @@ from typing import TypedDict
 
 import torch
 
-from pipelines.geometry import cell_origins
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.geometry import cell_origins
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 IMAGE = "image"  # the view I (eval mode: resize + centre crop)
 PATCHES = "patches"  # the view It: its K tiles

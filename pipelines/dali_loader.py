@@ -25,17 +25,17 @@ import re
 import numpy as np
 import torch
 
-from pipelines import BackendUnavailable
-from pipelines import batch as B
-from pipelines.dali_options import DaliOptions
-from pipelines.epoch_loader import CorruptSamples, EpochLoader, check_loader_args
-from pipelines.geometry import draw_sample_geometry
-from pipelines.jpeg_check import jpeg_problem
-from pipelines.recipe import PirlRecipe
-from pipelines.rng import PURPOSE_SAMPLE, generator_for
-from pipelines.sampler import epoch_batches
-from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
-from pipelines.views import eval_size, jpeg_header
+from pirl_trainer.pipelines import BackendUnavailable
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.dali_options import DaliOptions
+from pirl_trainer.pipelines.epoch_loader import CorruptSamples, EpochLoader, check_loader_args
+from pirl_trainer.pipelines.geometry import draw_sample_geometry
+from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
+from pirl_trainer.pipelines.sampler import epoch_batches
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, build_sample_table
+from pirl_trainer.pipelines.views import eval_size, jpeg_header
 
 INSTALL_HINT = "pip install nvidia-dali-cuda130 (DEPENDENCIES.md); or choose data.backend=reference"
 # DALI's decoder names the failing row of the batch it was handed (the corrupt samples already left out).

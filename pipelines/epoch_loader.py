@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 
-from pipelines import batch as B
-from pipelines.jpeg_check import jpeg_problem
-from pipelines.recipe import PirlRecipe
-from pipelines.sampler import epoch_batches, rank_sample_count, steps_per_epoch
-from pipelines.shard_index import SampleTable, ShardReader
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.sampler import epoch_batches, rank_sample_count, steps_per_epoch
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 
 # Corrupt samples one rank may skip in an epoch before the loader stops (data.max_skipped_per_epoch): a few
 # bad files are normal in web-scale sets; thousands mean damaged shards, better fixed than trained around.

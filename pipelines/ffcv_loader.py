@@ -48,14 +48,14 @@ import numpy as np
 import torch
 from numba import types
 
-from pipelines import batch as B
-from pipelines.epoch_loader import EpochLoader, check_loader_args
-from pipelines.geometry import dct_reduction, draw_sample_geometry
-from pipelines.jpeg_check import jpeg_problem
-from pipelines.recipe import PirlRecipe
-from pipelines.rng import PURPOSE_SAMPLE, generator_for
-from pipelines.shard_index import MANIFEST_NAME, read_manifest
-from pipelines.views import check_pixels, eval_size
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.epoch_loader import EpochLoader, check_loader_args
+from pirl_trainer.pipelines.geometry import dct_reduction, draw_sample_geometry
+from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
+from pirl_trainer.pipelines.shard_index import MANIFEST_NAME, read_manifest
+from pirl_trainer.pipelines.views import check_pixels, eval_size
 
 _threads = torch.get_num_threads(), numba.get_num_threads()  # importing ffcv sets both to 1 (Compiler)
 try:
@@ -119,7 +119,7 @@ def make_loader(
     False: FFCV's process cache, which loads the pages an epoch needs into this process. pin_memory=None pins when
     CUDA is available.
     """
-    from pipelines import BackendUnavailable
+    from pirl_trainer.pipelines import BackendUnavailable
 
     if _FFCV_IMPORT_ERROR is not None:
         raise BackendUnavailable(f"{INSTALL_HINT} ({_FFCV_IMPORT_ERROR})") from _FFCV_IMPORT_ERROR
@@ -137,7 +137,7 @@ def resolve_beton(shard_dir: str) -> tuple[Path, dict | None]:
     WebDataset shard folder DIR whose conversion DIR-beton (make_shards --input DIR --output DIR-beton --format
     beton) lies beside it, made from DIR's current manifest.json. Any other WebDataset folder: BackendUnavailable
     with that command."""
-    from pipelines import BackendUnavailable
+    from pirl_trainer.pipelines import BackendUnavailable
 
     path = Path(shard_dir)
     if path.is_file() and path.suffix == BETON_SUFFIX:

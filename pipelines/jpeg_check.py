@@ -10,7 +10,7 @@ What it cannot see: damage inside the entropy-coded data (flipped bits decode to
 decoder fail; the reference and FFCV backends then skip the sample too).
 """
 
-from pipelines.limits import too_many_pixels
+from pirl_trainer.pipelines.limits import too_many_pixels
 
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they hold the size.

@@ -17,7 +17,7 @@ try:
 except ImportError:  # an optional speed-up: pipelines/augment.py falls back to its tensor kernels
     numba = None
 
-from pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, LUMA, SATURATION, Jitter
+from pirl_trainer.pipelines.photometric import BRIGHTNESS, CONTRAST, HUE, LUMA, SATURATION, Jitter
 
 _F = np.float32
 LUMA_R, LUMA_G, LUMA_B = (_F(w) for w in LUMA)  # float32 constants: numba keeps the arithmetic in float32

@@ -13,13 +13,13 @@ same views. The global torch RNG is never touched (the DataLoader gets its own g
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipelines import batch as B
-from pipelines.recipe import PirlRecipe
-from pipelines.epoch_loader import EpochLoader, check_loader_args
-from pipelines.jpeg_check import jpeg_problem
-from pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
-from pipelines.shard_index import SampleTable, ShardReader, build_sample_table
-from pipelines.views import eval_view, pretrain_views
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.epoch_loader import EpochLoader, check_loader_args
+from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, build_sample_table
+from pirl_trainer.pipelines.views import eval_view, pretrain_views
 
 _PRETRAIN_KEYS = (B.IMAGE, B.PATCHES)  # the views' geometry keys are dropped unless asked for
 

@@ -22,10 +22,10 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from pipelines import batch as B
-from pipelines.geometry import SampleGeometry, cut_patches, dct_reduction, draw_sample_geometry
-from pipelines.limits import too_many_pixels
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.geometry import SampleGeometry, cut_patches, dct_reduction, draw_sample_geometry
+from pirl_trainer.pipelines.limits import too_many_pixels
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 
 # JPEG colour spaces simplejpeg converts to RGB correctly. It also "decodes" CMYK and YCCK without an error,

@@ -21,10 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
-from tools.make_shards import build_shards
-from tools.synthetic_data import write_synthetic
-from train import linear_probe, pirl
-from train.config import PirlConfig, load_config
+from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.tools.synthetic_data import write_synthetic
+from pirl_trainer.train import linear_probe, pirl
+from pirl_trainer.train.config import PirlConfig, load_config
 
 MARKER = ".pirl-demo"  # written into --out, so that a re-run may clear a folder this tool made and no other
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "cpu_small.yaml"
@@ -141,8 +141,8 @@ def random_init_knn(cfg: PirlConfig, out: Path) -> dict:
     """The kNN monitor's number for the random-init trunk (same seed as the probe's random trunk)."""
     import torch
 
-    from model.trunk import build_trunk
-    from train.knn_monitor import KnnMonitor
+    from pirl_trainer.model.trunk import build_trunk
+    from pirl_trainer.train.knn_monitor import KnnMonitor
 
     torch.manual_seed(0)
     trunk, _ = build_trunk(cfg.model.arch)
@@ -160,7 +160,7 @@ def plot_summary(log_path: Path, summary: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.run_log import read_jsonl
+    from pirl_trainer.train.run_log import read_jsonl
 
     records = read_jsonl(log_path)
     losses = [r for r in records if "loss" in r]

@@ -22,13 +22,13 @@ from typing import Sequence
 
 # Imported first: importing `tools` takes tools/ off sys.path (tools/__init__.py), where tools/profile.py would
 # stand in for the standard library's `profile` module, before torch (which imports cProfile) loads.
-import tools  # noqa: F401
+from pirl_trainer import tools  # noqa: F401
 
 import safetensors.torch
 import torch
 
-from model.trunk import build_trunk
-from train import checkpoint
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.train import checkpoint
 
 PREFIX = "trunk."  # PIRLNet.trunk (model/pirl.py): the rest of the key is torchvision's
 

@@ -4,7 +4,7 @@
 #   tools/install.sh system [--clean]   the apt packages ffcv builds against (as root, or through sudo);
 #                                       --clean removes apt's package lists afterwards (container images)
 #   tools/install.sh python [SPEC]      pip-installs the project into the active Python, SPEC defaulting to
-#                                       ".[test,ffcv]" (torch and torchvision are pinned in pyproject.toml)
+#                                       ".[test,dali,ffcv]", torch and torchvision at constraints.txt's versions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ case "${1:-}" in
         ;;
     python)
         python -m pip install -q --upgrade pip
-        python -m pip install -q -e "${2:-.[test,ffcv]}"
+        python -m pip install -q -c constraints.txt -e "${2:-.[test,dali,ffcv]}"
         ;;
     *)
         echo "usage: tools/install.sh system [--clean] | python [SPEC]" >&2

@@ -15,10 +15,10 @@ import re
 import sys
 import time
 
-from tools.sharding.beton import build_beton, manifest_format, verify_beton
-from tools.sharding.build import DEFAULT_PREFIX, DEFAULT_SHARD_SIZE, OutputNotEmptyError, build_shards
-from tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY
-from tools.sharding.verify import VerifyReport, verify_shards
+from pirl_trainer.tools.sharding.beton import build_beton, manifest_format, verify_beton
+from pirl_trainer.tools.sharding.build import DEFAULT_PREFIX, DEFAULT_SHARD_SIZE, OutputNotEmptyError, build_shards
+from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY
+from pirl_trainer.tools.sharding.verify import VerifyReport, verify_shards
 
 __all__ = ["build_shards", "build_beton", "verify_shards", "verify_beton", "VerifyReport", "OutputNotEmptyError",
            "main"]

@@ -19,12 +19,12 @@ import json
 import time
 from pathlib import Path
 
-import tools  # noqa: F401  (takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`)
+from pirl_trainer import tools  # noqa: F401  (takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`)
 
-from train import checkpoint, linear_probe, pirl
-from train.config import PirlConfig, load_config
-from tools.make_shards import build_shards
-from tools.shard_manifest import MANIFEST_NAME
+from pirl_trainer.train import checkpoint, linear_probe, pirl
+from pirl_trainer.train.config import PirlConfig, load_config
+from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.tools.shard_manifest import MANIFEST_NAME
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation", "supervised")
 METHOD_DIR = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"

@@ -20,8 +20,8 @@ from typing import Sequence
 
 # Imported first: importing `tools` takes tools/ off sys.path (tools/__init__.py), where this file would stand in
 # for the standard library's `profile` module, before anything imports torch (which imports cProfile).
-from tools.profiling import UsageError
-from tools.profiling.report import command_line, parse_list, write_json
+from pirl_trainer.tools.profiling import UsageError
+from pirl_trainer.tools.profiling.report import command_line, parse_list, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +90,8 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_loaders(args: argparse.Namespace, _overrides: list[str]) -> dict:
-    import pipelines
-    from tools.profiling import loaders, plots
+    from pirl_trainer import pipelines
+    from pirl_trainer.tools.profiling import loaders, plots
 
     backends = parse_list(args.backends, "--backends") if args.backends else list(pipelines.BACKENDS)
     for name in backends:
@@ -112,7 +112,7 @@ def run_loaders(args: argparse.Namespace, _overrides: list[str]) -> dict:
 
 
 def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from tools.profiling import plots, step
+    from pirl_trainer.tools.profiling import plots, step
 
     _positive(args, "steps")
     if args.warmup < 0:
@@ -125,7 +125,7 @@ def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
 
 
 def run_model(args: argparse.Namespace, _overrides: list[str]) -> dict:
-    from tools.profiling import model
+    from pirl_trainer.tools.profiling import model
 
     _positive(args, "steps")
     result = model.profile_model(args.arch, args.setting, args.steps)
@@ -134,7 +134,7 @@ def run_model(args: argparse.Namespace, _overrides: list[str]) -> dict:
 
 
 def run_augment(args: argparse.Namespace, _overrides: list[str]) -> dict:
-    from tools.profiling import augment
+    from pirl_trainer.tools.profiling import augment
 
     _positive(args, "batch_size", "repeats")
     threads = parse_list(args.threads, "--threads", int, minimum=1)
@@ -144,7 +144,7 @@ def run_augment(args: argparse.Namespace, _overrides: list[str]) -> dict:
 
 
 def run_patches(args: argparse.Namespace, _overrides: list[str]) -> dict:
-    from tools.profiling import patches
+    from pirl_trainer.tools.profiling import patches
 
     _positive(args, "batch", "patch_size", "repeats")
     result = patches.profile_patches(args.arch, args.batch, args.patch_size, args.repeats)
@@ -153,7 +153,7 @@ def run_patches(args: argparse.Namespace, _overrides: list[str]) -> dict:
 
 
 def run_bank(args: argparse.Namespace, _overrides: list[str]) -> dict:
-    from tools.profiling import bank
+    from pirl_trainer.tools.profiling import bank
 
     _positive(args, "rows", "dim", "batch", "negatives", "repeats")
     threads = parse_list(args.threads, "--threads", int, minimum=1)

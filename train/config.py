@@ -15,8 +15,8 @@ from typing import Any, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.dali_options import DaliOptions
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.dali_options import DaliOptions
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 
 @dataclass

@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import pipelines
-from pipelines.recipe import PirlRecipe
-from train.linear_probe import extract_features
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.train.linear_probe import extract_features
 
 CHUNK = 4096  # rows per similarity block: a (CHUNK, CHUNK) fp32 block is 64 MiB, whatever the set sizes
 

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import pipelines
-from model.trunk import build_trunk
-from pipelines.augment import BatchAugment
-from pipelines.recipe import PirlRecipe
-from train import checkpoint
-from train.config import ConfigError, config_from_cli
+from pirl_trainer import pipelines
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.train import checkpoint
+from pirl_trainer.train.config import ConfigError, config_from_cli
 
 # The paper's stage names -> torchvision's ResNet attributes, in forward order.
 STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.covariant import CovariantNet, draw_permutation_ids
-from model.heads import HEAD_NORMS
-from model.pirl import PIRLNet
-from pipelines.augment import draw_params
-from train.config import ConfigError, PirlConfig
+from pirl_trainer.model.covariant import CovariantNet, draw_permutation_ids
+from pirl_trainer.model.heads import HEAD_NORMS
+from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.pipelines.augment import draw_params
+from pirl_trainer.train.config import ConfigError, PirlConfig
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised")
 CONTRASTIVE = ("pirl", "npid")  # a memory bank and the NCE loss; the others classify and need no bank

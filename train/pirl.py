@@ -18,23 +18,23 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch.profiler import record_function
 from tqdm import tqdm
 
-import pipelines
-from model.covariant import classification_loss
-from model.losses import negative_similarities, pirl_loss
-from model.memory_bank import MemoryBank
-from model.sharded_bank import ShardedMemoryBank
-from model.sync_batchnorm import convert_sync_batchnorm
-from pipelines.augment import KERNEL_CHOICES, BatchAugment
-from pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
-from pipelines.shard_index import data_files, verify_checksums
-from train import checkpoint
-from train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
-from train.knn_monitor import KnnMonitor
-from train.methods import CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, unused_parameters
-from train.preemption import StopOnSigterm
-from train.ranks import gather_rows, global_index, global_log_z
-from train.run_log import RunLog
-from train.schedule import lr_factor, scaled_lr
+from pirl_trainer import pipelines
+from pirl_trainer.model.covariant import classification_loss
+from pirl_trainer.model.losses import negative_similarities, pirl_loss
+from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.model.sharded_bank import ShardedMemoryBank
+from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
+from pirl_trainer.pipelines.augment import KERNEL_CHOICES, BatchAugment
+from pirl_trainer.pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
+from pirl_trainer.pipelines.shard_index import data_files, verify_checksums
+from pirl_trainer.train import checkpoint
+from pirl_trainer.train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
+from pirl_trainer.train.knn_monitor import KnnMonitor
+from pirl_trainer.train.methods import CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, unused_parameters
+from pirl_trainer.train.preemption import StopOnSigterm
+from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
+from pirl_trainer.train.run_log import RunLog
+from pirl_trainer.train.schedule import lr_factor, scaled_lr
 
 
 BANK_KINDS = ("replicated", "sharded")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.covariant import (CovariantNet, JigsawClassifier, RotationClassifier, classification_loss,
+from pirl_trainer.model.covariant import (CovariantNet, JigsawClassifier, RotationClassifier, classification_loss,
                             draw_permutation_ids)
 
 B, N, D = 8, 9, 12

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.heads import ImageHead, JigsawHead
+from pirl_trainer.model.heads import ImageHead, JigsawHead
 
 B, N, D, OUT = 16, 9, 12, 5
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import estimate_log_z, infonce_loss, nce_loss, pirl_loss
+from pirl_trainer.model.losses import estimate_log_z, infonce_loss, nce_loss, pirl_loss
 
 
 def _naive_nce(pos, neg, tau, log_z, num_data):

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from model.losses import Negatives, nce_loss, negative_similarities, pirl_loss
-from model.memory_bank import (
+from pirl_trainer.model.losses import Negatives, nce_loss, negative_similarities, pirl_loss
+from pirl_trainer.model.memory_bank import (
     MemoryBank, bounded, counter_unit_rows, counter_words, draw_per_sample, draw_shared, negatives_key,
 )
-from pipelines.rng import counter_uniform
+from pirl_trainer.pipelines.rng import counter_uniform
 
 
 @pytest.fixture(autouse=True)
@@ -334,7 +334,7 @@ def test_per_sample_and_shared_draws_give_the_same_expected_loss():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_negatives_methods_give_the_materialised_similarities_and_gradients(dtype, monkeypatch):
-    import model.losses as losses
+    from pirl_trainer.model import losses
 
     monkeypatch.setattr(losses, "_CPU_GATHER_BLOCK", 7)  # several blocks, ragged last one, multi-sample blocks
     table = F.normalize(torch.randn(60, 12), dim=1).to(dtype)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.permutations import greedy_selection, max_hamming_permutations
+from pirl_trainer.model.permutations import greedy_selection, max_hamming_permutations
 
 
 def _hamming(a, b) -> int:

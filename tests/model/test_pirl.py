@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.pirl import PIRLNet
+from pirl_trainer.model.pirl import PIRLNet
 
 B, S, P, EMBED = 2, 32, 16, 16
 
@@ -130,7 +130,7 @@ def test_patch_pass_leaves_running_bn_stats_to_the_image(sync):
     """Default: after a train-mode forward the trunk's running BatchNorm statistics are exactly those of the
     image pass alone (the patches are normalised by their own batch statistics but do not update them), so an
     evaluation on whole images sees statistics of whole images. patch_bn_stats=True keeps the old blend."""
-    from model.sync_batchnorm import _convert_to_gloo
+    from pirl_trainer.model.sync_batchnorm import _convert_to_gloo
 
     image, patches = _inputs(3)
     patches = patches * 3 + 1  # a distribution unlike the image's, so a blend would show

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.losses import pirl_loss
-from model.memory_bank import MemoryBank
-from model.sharded_bank import ShardedMemoryBank
+from pirl_trainer.model.losses import pirl_loss
+from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.model.sharded_bank import ShardedMemoryBank
 
 WORLD, B, K, DIM, ROWS, STEPS, INIT_SEED, SEED = 2, 6, 40, 16, 101, 5, 3, 9  # 101 rows: shards of 51 and 50
 LOSS = dict(kind="nce", log_z=2.0, num_data=ROWS, lam=0.5)

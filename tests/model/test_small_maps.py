@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model.small_maps import SMALL_MAP_PIXELS, SmallMapConv2d, use_small_map_convs
-from model.trunk import build_trunk
+from pirl_trainer.model.small_maps import SMALL_MAP_PIXELS, SmallMapConv2d, use_small_map_convs
+from pirl_trainer.model.trunk import build_trunk
 
 
 def conv_pair(cin, cout, kernel, stride, padding, bias, dilation=1):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from model.losses import pirl_loss
-from model.memory_bank import MemoryBank
-from model.pirl import PIRLNet
+from pirl_trainer.model.losses import pirl_loss
+from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.model.pirl import PIRLNet
 
 
 @pytest.mark.parametrize("shared", [False, True])

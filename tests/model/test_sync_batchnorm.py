@@ -4,7 +4,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from model.sync_batchnorm import GlooSyncBatchNorm2d, convert_sync_batchnorm
+from pirl_trainer.model.sync_batchnorm import GlooSyncBatchNorm2d, convert_sync_batchnorm
 
 
 def _inputs():

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.trunk import build_trunk
+from pirl_trainer.model.trunk import build_trunk
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.recipe import PirlRecipe
-from tools.make_shards import build_shards
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.tools.make_shards import build_shards
 
 # 31 images over 3 classes: N is odd (uneven over 2 ranks) and the shards below hold unequal counts.
 CLASS_SIZES = (11, 10, 10)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from pipelines import augment
-from pipelines import batch as B
-from pipelines.augment import BatchAugment, draw_params, rotated_cells
-from pipelines.batch import check_batch
-from pipelines.photometric import apply_photometric
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines import augment
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.augment import BatchAugment, draw_params, rotated_cells
+from pirl_trainer.pipelines.batch import check_batch
+from pirl_trainer.pipelines.photometric import apply_photometric
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 # A small recipe: 40 px image, 48 px jigsaw crop (cells of 16), 12 px patches. Strengths stay the paper's.
 SMALL = PirlRecipe(image_size=40, jigsaw_size=48, patch_size=12)

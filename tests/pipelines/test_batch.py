@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipelines import batch as B
-from pipelines.batch import check_batch, check_loader_batch
-from pipelines.geometry import cell_origins
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.batch import check_batch, check_loader_batch
+from pirl_trainer.pipelines.geometry import cell_origins
 
 
 def valid(recipe, b=3):

@@ -11,11 +11,11 @@ import pytest
 import simplejpeg
 import torch
 
-import pipelines
-from pipelines import batch as B
-from pipelines.epoch_loader import CorruptSamples
-from pipelines.jpeg_check import jpeg_problem
-from pipelines.shard_index import ShardReader, build_sample_table
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.epoch_loader import CorruptSamples
+from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 
 from .conftest import CLASS_SIZES
 
@@ -102,7 +102,7 @@ def damage_beton(small_shards, intact, dst, damages) -> dict[int, str]:
     """A .beton of the intact shards (kept in `intact`), copied to `dst` with `damages` applied to its stored JPEG
     bytes in place."""
     pytest.importorskip("ffcv")
-    from tools.sharding.beton import build_beton
+    from pirl_trainer.tools.sharding.beton import build_beton
 
     build_beton(small_shards, intact, workers=1)
     shutil.copytree(intact, dst)
@@ -213,7 +213,7 @@ def test_an_undecodable_sample_stops_dali_naming_it(small_shards, small_recipe, 
     cannot see stops the epoch at that sample's step, and the error names its shard and index (DALI itself only
     says which row of its batch failed: the rows before it in the step, less those left out, give the sample)."""
     pytest.importorskip("nvidia.dali")
-    from pipelines.dali_options import DaliOptions
+    from pirl_trainer.pipelines.dali_options import DaliOptions
 
     # 24 is left out before DALI sees its step (eval: 24-30), so 27 is the batch's row 2, not 3
     where = damage_shards(small_shards, tmp_path / "data", {**DAMAGE, 24: lost_tail, **UNDECODABLE})
@@ -233,7 +233,7 @@ def test_training_goes_on_past_corrupt_samples_and_reports_them(damaged, tmp_pat
     import json
 
     from tests.train.conftest import tiny_overrides
-    from train import pirl
+    from pirl_trainer.train import pirl
 
     backend, data, _, where = damaged
     steps = []  # (rows, loss) of each step's batch, as the loss saw it

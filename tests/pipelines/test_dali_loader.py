@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-import pipelines
-from pipelines import batch as B
-from pipelines.batch import check_loader_batch
-from pipelines.dali_options import DaliOptions
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.batch import check_loader_batch
+from pirl_trainer.pipelines.dali_options import DaliOptions
 
 from .conftest import CLASS_SIZES
 
@@ -21,6 +21,13 @@ CPU = DaliOptions(decode_device="cpu")
 # the small noisy test JPEGs (0.20 in eval mode). A box one pixel off gives up to 14 on those JPEGs.
 MAD_BOUND_SYNTHETIC = 0.75
 MAD_BOUND_PHOTOS = 0.6
+
+
+
+@pytest.fixture(scope="module")
+def dali():
+    """DALI is an optional install (the `dali` extra): its tests skip without it, except those of its absence."""
+    return pytest.importorskip("nvidia.dali")
 
 
 def make(backend, shards, recipe, **kw):
@@ -42,7 +49,7 @@ def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
-def test_same_crops_as_the_reference_and_close_pixels(small_shards, small_recipe, view):
+def test_same_crops_as_the_reference_and_close_pixels(dali, small_shards, small_recipe, view):
     recipe = dataclasses.replace(small_recipe, jigsaw_view=view, reduced_decoding=False)
     dali = epoch(make("dali", small_shards, recipe, with_geometry=True, batch_size=5), 2)
     ref = epoch(make("reference", small_shards, recipe, with_geometry=True, batch_size=5), 2)
@@ -56,7 +63,7 @@ def test_same_crops_as_the_reference_and_close_pixels(small_shards, small_recipe
             assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_SYNTHETIC).all(), key
 
 
-def test_eval_mode_matches_the_reference(small_shards, small_recipe):
+def test_eval_mode_matches_the_reference(dali, small_shards, small_recipe):
     recipe = dataclasses.replace(small_recipe, reduced_decoding=False)
     dali = epoch(make("dali", small_shards, recipe, mode="eval", batch_size=8), 0)
     ref = epoch(make("reference", small_shards, recipe, mode="eval", batch_size=8), 0)
@@ -69,7 +76,7 @@ def test_eval_mode_matches_the_reference(small_shards, small_recipe):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_exactly_once_over_two_ranks_with_equal_steps(small_shards, small_recipe, workers):
+def test_exactly_once_over_two_ranks_with_equal_steps(dali, small_shards, small_recipe, workers):
     loaders = [make("dali", small_shards, small_recipe, num_workers=workers, rank=r, world_size=2) for r in range(2)]
     assert len(loaders[0]) == len(loaders[1]) == 4  # 31 samples: 16 and 15, in batches of 4 (the last up to 5)
     seen = []
@@ -82,7 +89,7 @@ def test_exactly_once_over_two_ranks_with_equal_steps(small_shards, small_recipe
     assert seen == [i for loader in ref for batch in epoch(loader, 3) for i in batch[B.INDEX].tolist()]
 
 
-def test_next_epochs_reuse_the_pipeline_and_resume_rebuilds_it(small_shards, small_recipe):
+def test_next_epochs_reuse_the_pipeline_and_resume_rebuilds_it(dali, small_shards, small_recipe):
     loader = make("dali", small_shards, small_recipe, num_workers=1)
     first = epoch(loader, 0)
     pipe = loader._pipe
@@ -99,7 +106,7 @@ def test_next_epochs_reuse_the_pipeline_and_resume_rebuilds_it(small_shards, sma
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_abandoned_epoch_is_rebuilt_not_continued(small_shards, small_recipe):
+def test_an_abandoned_epoch_is_rebuilt_not_continued(dali, small_shards, small_recipe):
     loader = make("dali", small_shards, small_recipe)
     full = epoch(loader, 5)
     loader.set_epoch(5)
@@ -111,7 +118,7 @@ def test_an_abandoned_epoch_is_rebuilt_not_continued(small_shards, small_recipe)
     assert len(full) == len(after)
 
 
-def test_mixed_decoding_without_a_gpu_says_what_to_do(small_shards, small_recipe, monkeypatch):
+def test_mixed_decoding_without_a_gpu_says_what_to_do(dali, small_shards, small_recipe, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(pipelines.BackendUnavailable, match="decode_device=cpu"):
         make("dali", small_shards, small_recipe, options=DaliOptions(decode_device="mixed"))
@@ -134,10 +141,10 @@ def test_missing_dali_says_how_to_install_it(small_shards, small_recipe, monkeyp
         make("dali", small_shards, small_recipe)
 
 
-def test_real_photos_close_to_the_reference(real_data, tmp_path_factory):
+def test_real_photos_close_to_the_reference(dali, real_data, tmp_path_factory):
     """Full-resolution recipe on ImageNet JPEGs: same crops, pixels within MAD_BOUND_PHOTOS per channel."""
-    from pipelines.recipe import PirlRecipe
-    from tools.make_shards import build_shards
+    from pirl_trainer.pipelines.recipe import PirlRecipe
+    from pirl_trainer.tools.make_shards import build_shards
 
     shards = tmp_path_factory.mktemp("dali_real") / "shards"
     files = sorted((real_data / "imagenet-sample").rglob("*.JPEG"))[:48]
@@ -156,7 +163,7 @@ def test_real_photos_close_to_the_reference(real_data, tmp_path_factory):
             assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_PHOTOS).all(), key
 
 
-def test_spawned_workers_give_the_same_batches(small_shards, small_recipe, monkeypatch):
+def test_spawned_workers_give_the_same_batches(dali, small_shards, small_recipe, monkeypatch):
     """Once CUDA is initialised (training on a GPU) the source's workers are spawned, not forked: the
     source must pickle and give the same batches."""
     from nvidia.dali._multiproc.pool import ProcPool
@@ -177,7 +184,7 @@ def test_spawned_workers_give_the_same_batches(small_shards, small_recipe, monke
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_separate_cpu_queue_gives_the_same_batches(small_shards, small_recipe):
+def test_separate_cpu_queue_gives_the_same_batches(dali, small_shards, small_recipe):
     one_queue = epoch(make("dali", small_shards, small_recipe), 0)
     options = DaliOptions(decode_device="cpu", cpu_queue_depth=3, prefetch_queue_depth=2)
     assert options.queue_depths() == {"cpu_size": 3, "gpu_size": 2}

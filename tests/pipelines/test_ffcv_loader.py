@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines
-from pipelines import batch as B
-from pipelines.batch import check_loader_batch
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.batch import check_loader_batch
 
 from .conftest import CLASS_SIZES
 
@@ -34,7 +34,7 @@ def ffcv():
 @pytest.fixture(scope="module")
 def small_beton(ffcv, small_shards, tmp_path_factory):
     """The 31 small JPEGs of conftest.small_shards, converted to a .beton (every idx kept)."""
-    from tools.sharding.beton import build_beton
+    from pirl_trainer.tools.sharding.beton import build_beton
 
     out = tmp_path_factory.mktemp("ffcv") / "beton"
     build_beton(small_shards, out, workers=1)
@@ -155,7 +155,7 @@ def test_keeps_the_callers_thread_settings(small_beton, small_recipe):
 
 
 def test_raw_stored_images_give_the_same_crops(ffcv, small_shards, small_recipe, tmp_path):
-    from tools.sharding.beton import build_beton
+    from pirl_trainer.tools.sharding.beton import build_beton
 
     manifest = build_beton(small_shards, tmp_path / "raw", workers=1, compress_probability=0.5)
     assert manifest["beton"]["stored"]["raw"] > 0 and manifest["beton"]["stored"]["jpg"] > 0
@@ -169,7 +169,7 @@ def test_raw_stored_images_give_the_same_crops(ffcv, small_shards, small_recipe,
 
 
 def test_webdataset_shards_are_read_from_their_conversion_beside_them(ffcv, small_shards, small_recipe, tmp_path):
-    from tools.sharding.beton import build_beton
+    from pirl_trainer.tools.sharding.beton import build_beton
 
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -187,8 +187,8 @@ def test_webdataset_shards_are_read_from_their_conversion_beside_them(ffcv, smal
 
 
 def test_missing_ffcv_says_how_to_install_it(small_shards, small_recipe, monkeypatch):
-    importlib.import_module("pipelines.ffcv_loader")  # so that the module below is restored, not left broken
-    monkeypatch.delitem(sys.modules, "pipelines.ffcv_loader")  # re-imported without ffcv below
+    importlib.import_module("pirl_trainer.pipelines.ffcv_loader")  # so that the module below is restored, not left broken
+    monkeypatch.delitem(sys.modules, "pirl_trainer.pipelines.ffcv_loader")  # re-imported without ffcv below
     monkeypatch.delattr(pipelines, "ffcv_loader")  # the re-import rebinds it
     for name in [m for m in sys.modules if m == "ffcv" or m.startswith("ffcv.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -199,9 +199,9 @@ def test_missing_ffcv_says_how_to_install_it(small_shards, small_recipe, monkeyp
 
 def test_real_photos_same_crops_and_close_pixels(ffcv, real_data, tmp_path_factory):
     """Full-resolution recipe on the 400 imagenet-sample photos, converted by make_shards --format beton."""
-    from pipelines.recipe import PirlRecipe
-    from tools.make_shards import build_shards
-    from tools.sharding.beton import build_beton
+    from pirl_trainer.pipelines.recipe import PirlRecipe
+    from pirl_trainer.tools.make_shards import build_shards
+    from pirl_trainer.tools.sharding.beton import build_beton
 
     tmp = tmp_path_factory.mktemp("ffcv_real")
     build_shards(real_data / "imagenet-sample" / "labels.tsv", tmp / "shards", workers=2)
@@ -228,10 +228,10 @@ def test_training_run_with_the_ffcv_backend_resumes_exactly(ffcv, tmp_path, caps
     3 and resumed continues at step 4 (the log is appended to: a restart would log 1-4 after 1-3) and gives the
     uninterrupted run's step-4 loss."""
     from tests.train.conftest import tiny_overrides
-    from tools.sharding.beton import build_beton
-    from tools.synthetic_data import write_synthetic
-    from train import checkpoint, pirl
-    from train.run_log import read_jsonl
+    from pirl_trainer.tools.sharding.beton import build_beton
+    from pirl_trainer.tools.synthetic_data import write_synthetic
+    from pirl_trainer.train import checkpoint, pirl
+    from pirl_trainer.train.run_log import read_jsonl
 
     write_synthetic(tmp_path / "images", per_class=3, size=64, seed=0)
     build_beton(tmp_path / "images", tmp_path / "beton", workers=1)

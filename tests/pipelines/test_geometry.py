@@ -3,10 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from pipelines.geometry import (
+from pirl_trainer.pipelines.geometry import (
     cell_origins, cut_patches, dct_reduction, draw_sample_geometry, sample_patch_origins, sample_resized_crop_box,
 )
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -5,12 +5,12 @@ import shutil
 import pytest
 import torch
 
-import pipelines
-from pipelines import batch as B
-from pipelines.augment import BatchAugment
-from pipelines.batch import check_batch, check_loader_batch
-from pipelines.recipe import PirlRecipe
-from tools.make_shards import build_shards
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.batch import check_batch, check_loader_batch
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.tools.make_shards import build_shards
 
 
 NETTE_CLASSES = ["n01440764", "n02102040"]  # 2 of Imagenette's 10 classes: 200 test images, 224x224

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.recipe import PirlRecipe
 
 
 def test_defaults_are_the_papers_geometry():

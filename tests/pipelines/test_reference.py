@@ -5,13 +5,13 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-import pipelines
+from pirl_trainer import pipelines
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines import batch as B
-from pipelines.augment import BatchAugment
-from pipelines.batch import check_batch, check_loader_batch
-from pipelines.shard_index import ShardReader
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.batch import check_batch, check_loader_batch
+from pirl_trainer.pipelines.shard_index import ShardReader
 
 from .conftest import CLASS_SIZES
 

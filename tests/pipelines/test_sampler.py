@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipelines.sampler import epoch_batches, epoch_order, rank_sample_count, steps_per_epoch
+from pirl_trainer.pipelines.sampler import epoch_batches, epoch_order, rank_sample_count, steps_per_epoch
 
 
 def _all_batches(n, b, world, **kw):

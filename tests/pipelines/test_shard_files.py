@@ -3,10 +3,10 @@ import shutil
 
 import pytest
 
-import pipelines
-from pipelines.shard_index import ShardIndexError, data_files, verify_checksums
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines.shard_index import ShardIndexError, data_files, verify_checksums
 from tests.train.conftest import tiny_overrides
-from train import pirl
+from pirl_trainer.train import pirl
 
 
 @pytest.fixture()

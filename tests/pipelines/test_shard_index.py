@@ -4,8 +4,8 @@ import shutil
 import pytest
 import webdataset as wds
 
-from pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table, parse_index_line
-from tools.make_shards import build_shards
+from pirl_trainer.pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table, parse_index_line
+from pirl_trainer.tools.make_shards import build_shards
 
 
 def test_table_and_reads_match_a_sequential_webdataset_read(small_shards):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipelines import batch as B
-from pipelines.geometry import dct_reduction, draw_sample_geometry
-from pipelines.recipe import PirlRecipe
-from pipelines.views import decode, eval_view, jpeg_header, pretrain_views
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.geometry import dct_reduction, draw_sample_geometry
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.pipelines.views import decode, eval_view, jpeg_header, pretrain_views
 
 REDUCED = PirlRecipe()
 FULL = dataclasses.replace(REDUCED, reduced_decoding=False)

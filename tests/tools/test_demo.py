@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from model.trunk import build_trunk
+from pirl_trainer.model.trunk import build_trunk
 from tests.train.test_knn_monitor import brute_force_knn_top1
-from tools import demo
-from train import checkpoint
-from train.config import PirlConfig, load_config
+from pirl_trainer.tools import demo
+from pirl_trainer.train import checkpoint
+from pirl_trainer.train.config import PirlConfig, load_config
 
 
 def test_the_main_job_compares_pirls_worse_protocol_with_random_inits_better_one(tmp_path, capsys):

@@ -10,12 +10,12 @@ import safetensors.torch
 import torch
 import torchvision
 
-from model.pirl import PIRLNet
-from model.sync_batchnorm import convert_sync_batchnorm
+from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
 from tests.train.conftest import synthetic_shards, tiny_overrides  # noqa: F401 (synthetic_shards: the fixture)
-from tools import export
-from train import checkpoint, pirl
-from train.config import PirlConfig, load_config, to_dict
+from pirl_trainer.tools import export
+from pirl_trainer.train import checkpoint, pirl
+from pirl_trainer.train.config import PirlConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests.tools import image_factory as make
-from tools.sharding import image_check
-from tools.sharding.image_check import (
+from pirl_trainer.tools.sharding import image_check
+from pirl_trainer.tools.sharding.image_check import (
     COLOUR_MODE,
     DEFAULT_MAX_PIXELS,
     EXIF_ORIENTATION,

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from tests.tools import image_factory as make
-from tools.make_shards import OutputNotEmptyError, build_shards, main, verify_shards
-from tools.shard_manifest import load_manifest, shard_files
-from tools.sharding.sample_format import decode_int64
-from tools.sharding.shard_writer import ShardWriter
+from pirl_trainer.tools.make_shards import OutputNotEmptyError, build_shards, main, verify_shards
+from pirl_trainer.tools.shard_manifest import load_manifest, shard_files
+from pirl_trainer.tools.sharding.sample_format import decode_int64
+from pirl_trainer.tools.sharding.shard_writer import ShardWriter
 
 SHARD_SIZE = 20_000  # a few generated samples per shard, so that shard boundaries are exercised
 
@@ -306,7 +306,7 @@ def test_script_help_runs_from_the_command_line():
 def test_a_full_disk_is_a_clear_error_and_leaves_no_manifest(tree, tmp_path, capsys, monkeypatch):
     import errno
 
-    from tools.sharding import shard_writer
+    from pirl_trainer.tools.sharding import shard_writer
 
     writes = {"n": 0}
     real_write = shard_writer._HashingFile.write

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.shard_index import ShardReader, build_sample_table
+from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 from tests.tools.test_make_shards import build_tree
-from tools.make_shards import build_shards, main
-from tools.shard_manifest import load_manifest
+from pirl_trainer.tools.make_shards import build_shards, main
+from pirl_trainer.tools.shard_manifest import load_manifest
 
 pytest.importorskip("ffcv")
 
-from tools.sharding.beton import (  # noqa: E402  (needs ffcv)
+from pirl_trainer.tools.sharding.beton import (  # noqa: E402  (needs ffcv)
     BETON_NAME, MODE_JPG, MODE_RAW, build_beton, read_beton, verify_beton,
 )
 
@@ -81,7 +81,7 @@ def test_converting_webdataset_shards_keeps_every_triple(shards, tmp_path):
 
 
 def test_samples_stored_raw_hold_the_reference_decode(shards, tmp_path):
-    from pipelines.views import decode
+    from pirl_trainer.pipelines.views import decode
 
     wds = shards[0]
     manifest = build_beton(wds, tmp_path / "beton", workers=1, compress_probability=0.5)
@@ -144,7 +144,7 @@ def test_shards_that_fail_verification_are_not_converted(shards, tmp_path):
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch must reach FFCV's writer processes")
 def test_a_sample_failing_in_the_writer_fails_the_conversion(shards, tmp_path, monkeypatch):
     """FFCV's writer would wait forever for a sample whose process raised: the error is reported instead."""
-    from tools.sharding import beton
+    from pirl_trainer.tools.sharding import beton
 
     def broken(jpg, raw):
         raise OSError("disk on fire")

@@ -1,7 +1,7 @@
 import pytest
 
 from tests.tools.pool_helpers import crashed, die_on_13, hang_on_13, square
-from tools.sharding.ordered_pool import CHUNKS_PER_WORKER, OrderedPool
+from pirl_trainer.tools.sharding.ordered_pool import CHUNKS_PER_WORKER, OrderedPool
 
 
 @pytest.mark.parametrize("workers", [0, 2])

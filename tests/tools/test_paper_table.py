@@ -1,9 +1,9 @@
 """tools/paper_table.py end to end at toy scale: every method's run, both protocols' per-layer probes, the table."""
 import json
 
-from tools import paper_table
-from tools.synthetic_data import write_synthetic
-from train import linear_probe
+from pirl_trainer.tools import paper_table
+from pirl_trainer.tools.synthetic_data import write_synthetic
+from pirl_trainer.train import linear_probe
 
 TINY = ["data.batch_size=8", "data.recipe.image_size=32", "data.recipe.jigsaw_size=48", "data.recipe.patch_size=16",
         "model.arch=resnet18", "loss.num_negatives=8", "run.log_every=1", "run.tensorboard=false", "run.cpu=true",

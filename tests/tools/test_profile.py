@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipelines
-from pipelines.augment import BatchAugment
-from pipelines.recipe import PirlRecipe
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.recipe import PirlRecipe
 from tests.require_all import required
 from tests.train.conftest import tiny_overrides
-from tools.make_shards import build_shards
-from tools.profile import main
-from tools.profiling import UsageError
-from tools.profiling.augment import per_view_loop, random_batch
-from tools.profiling.decode import decode_limit
-from tools.profiling.loaders import loader_rate
-from tools.profiling.step import PHASES
-from tools.synthetic_data import write_synthetic
+from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.tools.profile import main
+from pirl_trainer.tools.profiling import UsageError
+from pirl_trainer.tools.profiling.augment import per_view_loop, random_batch
+from pirl_trainer.tools.profiling.decode import decode_limit
+from pirl_trainer.tools.profiling.loaders import loader_rate
+from pirl_trainer.tools.profiling.step import PHASES
+from pirl_trainer.tools.synthetic_data import write_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["image_size=32", "jigsaw_size=48", "patch_size=16"]  # a recipe small enough for unit tests
@@ -35,7 +35,7 @@ def shards(tmp_path_factory):
     write_synthetic(root / "images", per_class=2, size=64, seed=0)
     build_shards(root / "images", root / "shards", workers=0, shard_size=20_000)
     if importlib.util.find_spec("ffcv") is not None or required():  # required: ffcv's import error fails
-        from tools.sharding.beton import build_beton
+        from pirl_trainer.tools.sharding.beton import build_beton
 
         build_beton(root / "shards", root / "shards-beton", workers=1)
     return root / "shards"
@@ -73,8 +73,8 @@ def test_loaders_reports_every_backend_and_worker_count_against_the_decode_limit
 
     runs = {(r["backend"], r["workers"]): r for r in result["results"]}
     measured = [b for b in pipelines.BACKENDS if b not in result["unavailable_backends"]]
-    # ffcv is an optional install, so a user's run may lack it; the others always run, and CI runs all three
-    assert set(result["unavailable_backends"]) <= (set() if required() else {"ffcv"})
+    # DALI and ffcv are optional installs, so a user's run may lack them; CI runs all three
+    assert set(result["unavailable_backends"]) <= (set() if required() else {"dali", "ffcv"})
     assert sorted(runs) == sorted((b, w) for b in measured for w in (0, 1))
     for (_, workers), r in runs.items():
         assert r["batches"] == 2 and r["samples"] == 8  # the start-up batch is not counted
@@ -204,8 +204,8 @@ def test_patches_compares_one_batch_with_the_loop_in_both_formats(tmp_path):
 
 
 def test_patch_pass_variants_compute_the_same_gradients():
-    from model.trunk import build_trunk
-    from tools.profiling.patches import _pass
+    from pirl_trainer.model.trunk import build_trunk
+    from pirl_trainer.tools.profiling.patches import _pass
 
     torch.manual_seed(0)
     # eval: BatchNorm statistics do not depend on how patches group; float64: the sums' order differs between a

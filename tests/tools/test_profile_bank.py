@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from tools.profile import main
-from tools.profiling.bank import VARIANTS, profile_bank
+from pirl_trainer.tools.profile import main
+from pirl_trainer.tools.profiling.bank import VARIANTS, profile_bank
 
 TINY = ["--rows", "500", "--dim", "16", "--batch", "4", "--negatives", "50", "--repeats", "1"]
 
@@ -55,7 +55,7 @@ def test_bank_in_bfloat16_reports_half_the_memory_and_the_loss_deviation(capsys)
 
 
 def test_bank_picks_the_dense_product_for_a_small_bank_and_skips_what_does_not_fit(monkeypatch):
-    import tools.profiling.bank as bank
+    from pirl_trainer.tools.profiling import bank
 
     monkeypatch.setattr(bank, "MAX_TEMP_BYTES", 4 * 50 * 16 * 4 - 1)  # just below the materialised (B, K, D)
     result = profile_bank(150, 16, 4, 50, "float32", [1], 1)

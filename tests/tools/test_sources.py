@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tools.sharding.sources import Entry, FolderSource, ListSource, open_source
+from pirl_trainer.tools.sharding.sources import Entry, FolderSource, ListSource, open_source
 
 
 def write(path, data: bytes = b"x"):

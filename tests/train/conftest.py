@@ -1,7 +1,7 @@
 import pytest
 
-from tools.make_shards import build_shards
-from tools.synthetic_data import write_synthetic
+from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.tools.synthetic_data import write_synthetic
 
 
 @pytest.fixture(scope="session")

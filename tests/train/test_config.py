@@ -1,6 +1,6 @@
 import pytest
 
-from train.config import ConfigError, PirlConfig, load_config
+from pirl_trainer.train.config import ConfigError, PirlConfig, load_config
 
 
 def write(tmp_path, text):
@@ -57,7 +57,7 @@ def test_shipped_configs_load(name):
 
 
 def test_print_config_prints_and_runs_nothing(capsys):
-    from train import linear_probe, pirl
+    from pirl_trainer.train import linear_probe, pirl
 
     assert pirl.main(["--print-config", "--data.shards=/s", "--optim.lr=0.5"]) is None
     assert "lr: 0.5" in capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_print_config_prints_and_runs_nothing(capsys):
 
 
 def test_bad_override_exits_with_status_2(capsys):
-    from train import pirl
+    from pirl_trainer.train import pirl
 
     with pytest.raises(SystemExit) as exit_info:
         pirl.main(["--data.shards=/s", "--optim.lrr=1"])
@@ -85,7 +85,7 @@ def test_the_multi_node_accelerate_config_loads_and_is_4_by_8():
 
 
 def test_unknown_head_norm_is_a_config_error(tmp_path):
-    from train.methods import check_method
+    from pirl_trainer.train.methods import check_method
     cfg = load_config(PirlConfig, None, ["--data.shards=x", "--model.head_norm=layer"])
     with pytest.raises(ConfigError, match="model.head_norm must be one of"):
         check_method(cfg)

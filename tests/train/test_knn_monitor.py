@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipelines
-from model.trunk import build_trunk
-from pipelines.augment import BatchAugment
-from pipelines.recipe import PirlRecipe
-from train import knn_monitor
+from pirl_trainer import pipelines
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.train import knn_monitor
 
 
 def unit(*angles_deg):

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.trunk import build_trunk
-from train import linear_probe
-from train.config import ConfigError
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.train import linear_probe
+from pirl_trainer.train.config import ConfigError
 
 RESNET18_DIMS = {"res2": 64 * 12 * 12, "res3": 128 * 8 * 8, "res4": 256 * 6 * 6, "res5": 512}
 

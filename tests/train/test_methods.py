@@ -4,15 +4,15 @@ import json
 import pytest
 import torch
 
-import pipelines
-from model.trunk import build_trunk
-from pipelines import batch as B
-from pipelines.augment import BatchAugment
+from pirl_trainer import pipelines
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.pipelines import batch as B
+from pirl_trainer.pipelines.augment import BatchAugment
 from tests.train.conftest import tiny_overrides
 from tests.train.test_knn_monitor import brute_force_knn_top1
-from train import checkpoint, linear_probe, pirl
-from train.config import ConfigError, PirlConfig, load_config
-from train.methods import covariant_target
+from pirl_trainer.train import checkpoint, linear_probe, pirl
+from pirl_trainer.train.config import ConfigError, PirlConfig, load_config
+from pirl_trainer.train.methods import covariant_target
 
 METHOD_CONFIGS = "train/configs/methods"
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import Negatives
-from model.memory_bank import MemoryBank, counter_unit_rows
-from pipelines.sampler import epoch_batches
+from pirl_trainer.model.losses import Negatives
+from pirl_trainer.model.memory_bank import MemoryBank, counter_unit_rows
+from pirl_trainer.pipelines.sampler import epoch_batches
 from tests.train.conftest import tiny_overrides
-from train import checkpoint, linear_probe, pirl
-from train.config import ConfigError
-from train.methods import LOG_TERMS
-from train.run_log import read_jsonl
+from pirl_trainer.train import checkpoint, linear_probe, pirl
+from pirl_trainer.train.config import ConfigError
+from pirl_trainer.train.methods import LOG_TERMS
+from pirl_trainer.train.run_log import read_jsonl
 
 NUM_SAMPLES, BATCH = 30, 8  # synthetic_shards with tiny_overrides: 4 steps an epoch, the last one of 6 samples
 
@@ -38,6 +38,8 @@ def other_rows(rows: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["reference", "dali"])
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(synthetic_shards, tmp_path, capsys, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")  # the `dali` extra
     full, broken = tmp_path / "full", tmp_path / "broken"
     overrides = [f"--data.backend={backend}", "--data.dali.decode_device=cpu"]
     pirl.main([*tiny_overrides(synthetic_shards, full), *overrides])  # 30 samples / batch 8: 4 steps an epoch, 8 in all

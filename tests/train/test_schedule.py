@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from train.schedule import lr_factor, scaled_lr
+from pirl_trainer.train.schedule import lr_factor, scaled_lr
 
 
 def test_linear_scaling_matches_the_paper():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import tiny_overrides
-from train import checkpoint
-from train.run_log import read_jsonl
+from pirl_trainer.train import checkpoint
+from pirl_trainer.train.run_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 LONG = ["--optim.epochs=50"]  # 200 steps: far more than the process gets to run before the signal

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.rng import PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words, derive_seed
+from pirl_trainer.pipelines.rng import PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words, derive_seed
 from tests.train.conftest import tiny_overrides
-from train import checkpoint, pirl
-from train.config import PirlConfig, load_config
-from train.methods import CONTRASTIVE, build_net
-from train.run_log import read_jsonl
+from pirl_trainer.train import checkpoint, pirl
+from pirl_trainer.train.config import PirlConfig, load_config
+from pirl_trainer.train.methods import CONTRASTIVE, build_net
+from pirl_trainer.train.run_log import read_jsonl
 
 CPU = torch.device("cpu")
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1)  # all that build_loader reads of the Accelerator

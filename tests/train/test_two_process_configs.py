@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.losses import nce_loss
-from model.pirl import PIRLNet
-from pipelines.sampler import epoch_batches
-from pipelines.shard_index import ShardReader, build_sample_table
+from pirl_trainer.model.losses import nce_loss
+from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.pipelines.sampler import epoch_batches
+from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 from tests.train.conftest import tiny_overrides
 from tests.train.test_two_processes import REPO, launch_two, losses, same_run, two_process_command, update_error
-from tools.make_shards import build_shards
-from tools.synthetic_data import write_synthetic
-from train import checkpoint, pirl
-from train.run_log import read_jsonl
+from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.tools.synthetic_data import write_synthetic
+from pirl_trainer.train import checkpoint, pirl
+from pirl_trainer.train.run_log import read_jsonl
 
 
 @pytest.fixture

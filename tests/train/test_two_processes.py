@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.memory_bank import MemoryBank
-from model.pirl import PIRLNet
-from pipelines.sampler import epoch_batches
+from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.pipelines.sampler import epoch_batches
 from tests.train.conftest import tiny_overrides
-from train import checkpoint, pirl
-from train.run_log import read_jsonl
+from pirl_trainer.train import checkpoint, pirl
+from pirl_trainer.train.run_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,11 @@ import torch
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from pipelines.augment import BatchAugment, draw_params
-from pipelines.photometric import apply_photometric
-from pipelines.recipe import PirlRecipe
-from tools.profiling import machine
-from tools.profiling.report import table
+from pirl_trainer.pipelines.augment import BatchAugment, draw_params
+from pirl_trainer.pipelines.photometric import apply_photometric
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.tools.profiling import machine
+from pirl_trainer.tools.profiling.report import table
 
 EPOCH = 0
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.losses import DENSE_ROWS_PER_NEGATIVE, Negatives, estimate_log_z, negative_similarities, pirl_loss
-from model.memory_bank import MemoryBank
-from tools.profiling import UsageError, machine
-from tools.profiling.report import table
+from pirl_trainer.model.losses import DENSE_ROWS_PER_NEGATIVE, Negatives, estimate_log_z, negative_similarities, pirl_loss
+from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.tools.profiling import UsageError, machine
+from pirl_trainer.tools.profiling.report import table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = ("shared", "per_sample", "per_sample_gather", "per_sample_dense", "per_sample_materialised")

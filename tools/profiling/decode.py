@@ -10,8 +10,8 @@ import time
 import numpy as np
 import torch
 
-from pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table
-from tools.profiling import UsageError
+from pirl_trainer.pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table
+from pirl_trainer.tools.profiling import UsageError
 
 MAX_SAMPLES = 400  # enough for a stable rate, few enough to hold in memory and decode 3 times per decoder
 

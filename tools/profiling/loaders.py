@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-import pipelines
-from pipelines.augment import BatchAugment
-from pipelines.recipe import PirlRecipe
-from tools.profiling import UsageError, decode, machine
-from tools.profiling.report import table
+from pirl_trainer import pipelines
+from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.recipe import PirlRecipe
+from pirl_trainer.tools.profiling import UsageError, decode, machine
+from pirl_trainer.tools.profiling.report import table
 
 
 def recipe_with(overrides: list[str]) -> PirlRecipe:

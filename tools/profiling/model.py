@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from model.pirl import PIRLNet
-from tools.profiling import UsageError, machine
-from tools.profiling.report import table
+from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.tools.profiling import UsageError, machine
+from pirl_trainer.tools.profiling.report import table
 
 
 def parse_setting(text: str) -> tuple[int, int, int]:

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from model.trunk import build_trunk
-from tools.profiling import machine
-from tools.profiling.report import table
+from pirl_trainer.model.trunk import build_trunk
+from pirl_trainer.tools.profiling import machine
+from pirl_trainer.tools.profiling.report import table
 
 VARIANTS = ("batched", "looped", "batched_channels_last", "looped_channels_last")
 

@@ -5,7 +5,7 @@ import os
 import shlex
 from pathlib import Path
 
-from tools.profiling import UsageError
+from pirl_trainer.tools.profiling import UsageError
 
 
 def command_line(argv: list[str]) -> str:

@@ -5,9 +5,9 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from tools.profiling import UsageError, machine
-from tools.profiling.report import table
-from train.config import ConfigError, PirlConfig, load_config
+from pirl_trainer.tools.profiling import UsageError, machine
+from pirl_trainer.tools.profiling.report import table
+from pirl_trainer.train.config import ConfigError, PirlConfig, load_config
 
 # The record_function names of one step, none nested inside another (bank_draw sits inside negatives_draw,
 # bank_update_rows inside bank_update: they are not listed, so nothing is counted twice).
@@ -17,7 +17,7 @@ PHASES = ("data_wait", "to_device", "augment", "trunk_image", "trunk_patches", "
 
 def profile_step(config: str | None, overrides: list[str], *, steps: int, warmup: int,
                  trace: str | None = None) -> dict:
-    from train.pirl import train  # imports accelerate: only this subcommand pays for it
+    from pirl_trainer.train.pirl import train  # imports accelerate: only this subcommand pays for it
 
     try:
         cfg = load_config(PirlConfig, config, overrides)

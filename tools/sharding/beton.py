@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from pipelines.shard_index import file_sha256
-from tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
-from tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
-from tools.sharding.image_check import DEFAULT_MAX_PIXELS
-from tools.sharding.verify import JPEG_SOI, VerifyReport, verify_shards
+from pirl_trainer.pipelines.shard_index import file_sha256
+from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
+from pirl_trainer.tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
+from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS
+from pirl_trainer.tools.sharding.verify import JPEG_SOI, VerifyReport, verify_shards
 
 FORMAT = "beton"
 BETON_NAME = "dataset.beton"
@@ -126,7 +126,7 @@ def _convert(shard_dir: Path, out: Path, shard_manifest: dict, source: dict, *, 
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from pipelines.shard_index import build_sample_table
+    from pirl_trainer.pipelines.shard_index import build_sample_table
 
     table = build_sample_table(shard_dir)
     n = table.num_samples
@@ -178,7 +178,7 @@ def _page_size(table, raw: np.ndarray) -> int:
     """FFCV's page size: a power of two that holds the largest sample (a JPEG, or h*w*3 bytes of raw pixels)."""
     largest = int(table.jpg_size[~raw].max()) if (~raw).any() else 0
     if raw.any():
-        from pipelines.shard_index import ShardReader
+        from pirl_trainer.pipelines.shard_index import ShardReader
 
         reader = ShardReader(table)
         try:
@@ -210,7 +210,7 @@ class _StoredImages:
     """
 
     def __init__(self, table, raw: np.ndarray, errors_path: str):
-        from pipelines.shard_index import ShardReader
+        from pirl_trainer.pipelines.shard_index import ShardReader
 
         self.table, self.raw, self.errors_path = table, raw, errors_path
         self.reader = ShardReader(table)  # reopens its files in each writer process
@@ -236,7 +236,7 @@ class _StoredImages:
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpg)  # as pipelines/views.py reads it
         if not raw:
             return MODE_JPG, height, width, np.frombuffer(jpg, dtype=np.uint8)
-        from pipelines.views import decode  # torchvision: imported in the writer processes only when needed
+        from pirl_trainer.pipelines.views import decode  # torchvision: imported in the writer processes only when needed
 
         pixels = decode(jpg).permute(1, 2, 0).numpy()  # (H, W, 3): the pixels the reference backend decodes
         return MODE_RAW, height, width, np.ascontiguousarray(pixels).reshape(-1)

@@ -10,13 +10,13 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
-from tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult, check_file
-from tools.sharding.ordered_pool import OrderedPool
-from tools.sharding.progress import Progress
-from tools.sharding.sample_format import sample_entries, sample_key
-from tools.sharding.shard_writer import ShardWriter
-from tools.sharding.sources import Entry, open_source
+from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
+from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult, check_file
+from pirl_trainer.tools.sharding.ordered_pool import OrderedPool
+from pirl_trainer.tools.sharding.progress import Progress
+from pirl_trainer.tools.sharding.sample_format import sample_entries, sample_key
+from pirl_trainer.tools.sharding.shard_writer import ShardWriter
+from pirl_trainer.tools.sharding.sources import Entry, open_source
 
 # 256 MiB: WebDataset's docs advise shards of ~100 MB-1 GB for streaming reads. ImageNet-1k train
 # (ILSVRC2012_img_train.tar: 137.7 GiB) then makes ~550 shards, several for each of the 64 readers

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipelines.limits import MAX_DECODE_PIXELS
+from pirl_trainer.pipelines.limits import MAX_DECODE_PIXELS
 
 # Re-encoding quality: at 95, Pillow's re-encode of a photo is visually lossless; only the few non-JPEG or
 # odd-mode files of a dataset pay the larger size.

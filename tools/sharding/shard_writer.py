@@ -13,7 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from tools.sharding import wds_index
+from pirl_trainer.tools.sharding import wds_index
 
 # Fixed member metadata, so that the same input gives byte-identical shards.
 MEMBER_MTIME = 0

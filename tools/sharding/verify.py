@@ -12,9 +12,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.shard_manifest import MANIFEST_NAME, load_manifest, shard_files
-from tools.sharding import wds_index
-from tools.sharding.sample_format import decode_int64, expected_extensions, sample_key
+from pirl_trainer.tools.shard_manifest import MANIFEST_NAME, load_manifest, shard_files
+from pirl_trainer.tools.sharding import wds_index
+from pirl_trainer.tools.sharding.sample_format import decode_int64, expected_extensions, sample_key
 
 JPEG_SOI = b"\xff\xd8"  # every JPEG starts with the start-of-image marker
 MAX_PROBLEMS_PER_SHARD = 20  # beyond this a shard is clearly broken; more lines would drown the summary
