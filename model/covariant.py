@@ -131,7 +131,8 @@ class CovariantNet(nn.Module):
     def __init__(self, method: str, arch: str = "resnet50", num_permutations: int = 1000, num_patches: int = 9,
                  num_classes: int | None = None):
         super().__init__()
-        from pirl_trainer.model.trunk import build_trunk  # the trunk is torchvision's (plus model.small_maps, torch only)
+        # the trunk is torchvision's (plus model/small_maps.py, torch only)
+        from pirl_trainer.model.trunk import build_trunk
 
         self.trunk, self.feature_dim = build_trunk(arch)
         if method == "jigsaw":

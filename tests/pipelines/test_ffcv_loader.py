@@ -187,7 +187,8 @@ def test_webdataset_shards_are_read_from_their_conversion_beside_them(ffcv, smal
 
 
 def test_missing_ffcv_says_how_to_install_it(small_shards, small_recipe, monkeypatch):
-    importlib.import_module("pirl_trainer.pipelines.ffcv_loader")  # so that the module below is restored, not left broken
+    # imported first, so that the module below is restored, not left broken
+    importlib.import_module("pirl_trainer.pipelines.ffcv_loader")
     monkeypatch.delitem(sys.modules, "pirl_trainer.pipelines.ffcv_loader")  # re-imported without ffcv below
     monkeypatch.delattr(pipelines, "ffcv_loader")  # the re-import rebinds it
     for name in [m for m in sys.modules if m == "ffcv" or m.startswith("ffcv.")]:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl_trainer.pipelines.rng import PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words, derive_seed
+from pirl_trainer.pipelines.rng import (PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words,
+                                        derive_seed)
 from tests.train.conftest import tiny_overrides
 from pirl_trainer.train import checkpoint, pirl
 from pirl_trainer.train.config import PirlConfig, load_config
