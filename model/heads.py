@@ -12,8 +12,8 @@ def output_norm(kind: str, dim: int) -> nn.Module:
     "none": nothing, the paper's linear heads. "bn": BatchNorm1d without affine parameters, which centres each
     embedding dimension over the batch. Why: pooled res5 features are ReLU outputs with a large common mean, so a
     linear head starts with every image on nearly one direction (mean pairwise cosine 0.76 for ResNet-18), and
-    on a short schedule the memory-bank loss drives that common component up instead of down (measured in the
-    README, "Short schedules: centred heads"). Centring removes it by construction, as SimCLR's and MoCo v3's
+    on a short schedule the memory-bank loss drives that common component up instead of down (docs/training.md,
+    "Short schedules on a CPU"). Centring removes it by construction, as SimCLR's and MoCo v3's
     BatchNorm heads do.
     """
     if kind == "none":

@@ -42,7 +42,8 @@ class PIRLNet(nn.Module):
     those of the image view alone, the input every evaluation (linear probe, kNN monitor, transfer) feeds. True
     was the old behaviour: each step updated them with the image batch, then with the B*9 patches (momentum
     0.1 twice), so they ended up ~90 % patch statistics (24 px tiles of a 96 px crop on the CPU configs) and
-    evaluating on whole images with them measured a trunk miscalibrated for its input (README, "Linear probe").
+    evaluating on whole images with them measured a trunk miscalibrated for its input (docs/evaluation.md,
+    "Linear probe").
 
     head_norm: "none" (the paper's linear heads) or "bn" (centred outputs; model/heads.py output_norm).
     """

@@ -1,4 +1,4 @@
-"""The memory bank split across ranks (issue 9, section 3): each rank owns 1/world of the rows, no rank has it all.
+"""The memory bank split across ranks: each rank owns 1/world of the rows, no rank has it all.
 
 The same calls as model/memory_bank.py's replicated MemoryBank (draw_negatives, fetch, negatives, update,
 state_dict, load_state_dict), so the training loop and the loss do not change:

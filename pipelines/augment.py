@@ -203,7 +203,7 @@ class BatchAugment:
         return out
 
     def _group_by(self, device: torch.device) -> str:
-        # Measured on the 2-core CPU (README): eager kernels are fastest on exact-order groups (uniform
+        # Measured on a 2-core CPU (docs/results.md): eager kernels are fastest on exact-order groups (uniform
         # steps, fewest passes); compiled ones on hue groups (fewer, larger calls, the blends fused). On CUDA
         # the launch count decides, so hue groups there too.
         if self.group_by is not None:

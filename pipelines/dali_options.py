@@ -1,6 +1,6 @@
 """Settings of the DALI backend (data.dali in the training config). Importing this module does not import DALI.
 
-Defaults and what to try first when the loader is the bottleneck: README, "The DALI backend".
+Defaults and what to try first when the loader is the bottleneck: docs/pipelines.md, "The DALI backend".
 """
 
 from dataclasses import dataclass

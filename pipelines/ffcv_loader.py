@@ -16,7 +16,7 @@ Per batch, inside FFCV's loader thread (its pipeline for the `image` field):
    crop are resized with FFCV's `resize` (OpenCV INTER_AREA), the nine patches copied out of the crop.
    Against two decodes (two FFCV pipelines reading the field, one per view, same draws and resizes), on one
    thread: 3.38 against 4.79 ms a sample on imagenet-sample photos (1.42x), 1.06 against 1.57 ms on the same
-   photos capped at 320 px (README, "The FFCV backend").
+   photos capped at 320 px (docs/pipelines.md, "The FFCV backend").
 The epoch reaches the stage as an attribute set before each epoch's FFCV iterator starts; the previous epoch's
 iterator is stopped first (its thread joined), so no batch of one epoch is cut with another epoch's draws. The
 indexes come from FFCV itself (the sample ids of the batch, checked against the .beton's `index` field).

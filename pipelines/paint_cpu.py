@@ -4,7 +4,7 @@ Why a second implementation beside the tensor kernels of pipelines/augment.py: o
 its whole input through memory and allocates its output, and a view's plan is ~40 such ops. Here each view is
 converted, jittered op by op, grayed and normalised in its own output rows while they sit in the cache, in
 loops the compiler vectorises: 11x the per-view torchvision loop where the tensor kernels reach 3.3x
-(README, "Results"). It follows torchvision's formulas op for op in float32 (hue: the equivalent formula of
+(docs/results.md). It follows torchvision's formulas op for op in float32 (hue: the equivalent formula of
 pipelines.augment.hue) and is tested against torchvision like the tensor kernels. The GPU path stays on the
 tensor kernels, which are tested on the CPU too.
 """

@@ -64,7 +64,7 @@ class PirlRecipe:
     std_g: float = 0.224
     std_b: float = 0.225
 
-    # --- decoding (README, "The reference backend": pixels against a full-resolution decode) ---
+    # --- decoding (docs/pipelines.md, "The reference backend": pixels against a full-resolution decode) ---
     reduced_decoding: bool = True  # decode at 1/2..1/8 scale (in libjpeg's IDCT) where every crop shrinks >= 2x
 
     # --- eval view (linear probe) ---

@@ -6,7 +6,7 @@ Pretraining (paper supplement A.1), from one decoded image and the geometry of p
   patch per grid cell at a random offset, in grid order; rotation view: a second image view.
 Colour, rotations and normalisation happen later, on whole batches (pipelines/augment.py).
 
-Speed (README, "The reference backend"): simplejpeg (libjpeg-turbo) reads the header, the geometry is drawn
+Speed (docs/pipelines.md, "The reference backend"): simplejpeg (libjpeg-turbo) reads the header, the geometry is drawn
 from the full-resolution size, and where every crop of the sample is downscaled by 2x or more the JPEG is
 decoded at 1/2, 1/4 or 1/8 scale inside the inverse DCT. Crops are views of the decoded HWC array and are
 resized with torch's antialiased bilinear uint8 kernel, which is fastest on that (channels-last) layout and

@@ -1,6 +1,7 @@
 """Make WebDataset shards (+ DALI index files + manifest.json) from an image folder tree or a list of image paths.
 
     python tools/make_shards.py --input SRC --output OUT [--workers N] [--shard-size BYTES] [--max-side PX]
+    python tools/make_shards.py --input VAL --labels LABELS --classes TRAIN_SHARDS --output OUT
     python tools/make_shards.py --input SRC --output OUT --format beton [--compress-probability P] [...]
     python tools/make_shards.py --verify OUT
 
@@ -28,13 +29,33 @@ _UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "
           "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
 
 DESCRIPTION = f"""\
-Make WebDataset shards from an image folder tree or a list of image paths.
+Make WebDataset shards from an image folder tree, a list of image paths, or a flat folder and its labels file.
 
 Input (--input):
   a folder root/<class>/<images>: class index = sorted class-folder order (torchvision ImageFolder), files in
     ImageFolder order; every file is tried, whatever its extension;
-  or a text file with one image path per line and an optional TAB + integer label; relative paths are resolved
-    against the list file's folder; class i of a labelled list is named "i", for i up to the largest label.
+  or a text file with one image path per line and an optional TAB + label; relative paths are resolved against
+    the list file's folder. The first label decides: a number makes every label a class number (class i is named
+    "i", for i up to the largest label); a name (path<TAB>n01440764) makes every label a class name (class index
+    = the sorted names, as ImageFolder's);
+  or, with --labels FILE, a flat folder of images whose classes FILE gives: Kaggle's LOC_val_solution.csv
+    (header ImageId,PredictionString; the first token of the prediction string is the class) or lines
+    "file<TAB>class name". A line names a file by its name or its stem (ILSVRC2012_val_00000001 for
+    ILSVRC2012_val_00000001.JPEG); files are read in sorted name order. Folder and labels must match exactly:
+    a listed image without a file, and a file that no line labels, are errors naming the first one (an
+    evaluation set is exactly its listed images, and a stray file means a wrong folder or labels file; move
+    such files out). Class index = --classes, or else the sorted set of the labels' class names.
+
+Class index (--classes SRC): label the input with another set's class index, so that both sets' labels mean
+  the same classes: SRC is a shard folder of this tool (its manifest.json "classes") or a text file of class
+  names, one a line, in index order (from Kaggle's LOC_synset_mapping.txt: cut -d' ' -f1 LOC_synset_mapping.txt).
+  Class folders are mapped by name (a split may lack classes; the manifest still lists the whole index), list
+  and --labels class names are looked up. A name that is not in the index is an error naming it.
+  ImageNet (Kaggle's layout):
+    make_shards.py --input ILSVRC/Data/CLS-LOC/train --output shards/train
+    make_shards.py --input ILSVRC/Data/CLS-LOC/val --labels LOC_val_solution.csv --classes shards/train \\
+        --output shards/val
+  Every error about labels or classes is raised before anything is written.
 
 Output (--output, must be new or empty): <prefix>-000000.tar, ... each with a DALI index <prefix>-000000.idx
   (wds2idx format) and manifest.json. Each sample: <key>.jpg, <key>.idx (int64 LE global index 0..N-1 in input
@@ -79,8 +100,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="make_shards.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", metavar="SRC", help="image folder root/<class>/<images>, or a list file")
+    parser.add_argument("--input", metavar="SRC",
+                        help="image folder root/<class>/<images>, a list file, or a flat image folder with --labels")
     parser.add_argument("--output", metavar="OUT", help="new or empty folder for the shards")
+    parser.add_argument("--labels", metavar="FILE",
+                        help="classes of the images of a flat --input folder: Kaggle's LOC_val_solution.csv or "
+                        "file<TAB>class lines")
+    parser.add_argument("--classes", metavar="SRC",
+                        help="class index to label with: a shard folder (its manifest's classes) or a file of names, "
+                        "one a line (default: the input's own, sorted)")
     parser.add_argument("--workers", type=int, metavar="N", default=os.cpu_count(),
                         help="decoding processes; 0 decodes in the main process (default: %(default)s, the CPU count)")
     parser.add_argument("--shard-size", type=parse_size, metavar="BYTES", default=DEFAULT_SHARD_SIZE,
@@ -105,8 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.verify is None and (args.input is None or args.output is None):
         parser.error("--input and --output are required (or --verify OUT)")
-    if args.verify is not None and (args.input is not None or args.output is not None):
-        parser.error("--verify takes no --input/--output")
+    if args.verify is not None and any(a is not None for a in (args.input, args.output, args.labels, args.classes)):
+        parser.error("--verify takes no --input/--output/--labels/--classes")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
     if args.format != "beton" and args.compress_probability is not None:
@@ -124,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return _verify(args.verify)
     start = time.perf_counter()
     common = dict(workers=args.workers, shard_size=args.shard_size, max_side=args.max_side,
-                  max_pixels=args.max_pixels, show_progress=not args.no_progress)
+                  max_pixels=args.max_pixels, show_progress=not args.no_progress, labels=args.labels,
+                  classes=args.classes)
     try:
         if args.format == "beton":
             manifest = build_beton(args.input, args.output, jpeg_quality=args.jpeg_quality, **common,

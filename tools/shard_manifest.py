@@ -1,6 +1,6 @@
 """Reading and writing OUT/manifest.json, the description of a shard folder written by tools/make_shards.py.
 
-Readers (pipelines/, the trainer) use load_manifest and shard_files; the keys are listed in the README, "Making shards".
+Readers (pipelines/, the trainer) use load_manifest and shard_files; the keys are listed in docs/data.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Ten classes of procedurally drawn shapes (random grey levels, sizes, positions, rotations; no colour, see
 BACKGROUND_LEVELS), written as JPEGs into an ImageFolder tree `root/<class>/<n>.jpg`, so tools/make_shards.py treats
 them exactly like real data. Same seed -> same bytes. It exists so the main job runs anywhere in minutes; it says
-nothing about ImageNet-scale quality (see the README's imagenette run for that).
+nothing about ImageNet-scale quality (see docs/results.md, the paper's comparison on Imagenette, for that).
 
     python tools/synthetic_data.py --output data/synthetic --per-class 60 --size 96
 """
@@ -20,8 +20,8 @@ CLASSES = (
     "circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "frame", "triangle_outline",
 )
 
-# Grey levels only: an image's identity lies in its shape and pose, never in its colours. Measured (README,
-# "Short schedules"): with random colours per image, PIRL's colour jitter (hue 0.2, grayscale 0.2) cannot
+# Grey levels only: an image's identity lies in its shape and pose, never in its colours. Measured (docs/training.md,
+# "Short schedules on a CPU"): with random colours per image, PIRL's colour jitter (hue 0.2, grayscale 0.2) cannot
 # erase the colours, instance discrimination latches onto them and the trunk's class probe ends below a random
 # trunk's (17 / 19 % vs 22.5 / 24.5 %); on the same shapes in grey the image-view loss goes below chance and the
 # res5 probe rises from 30.5 / 45.0 % (random) to 51 / 52 %.
@@ -29,7 +29,8 @@ BACKGROUND_LEVELS = (0, 100)
 SHAPE_LEVELS = (150, 256)
 # Radius as a fraction of the side, a wide range: how large a shape is says nothing of its class, and a random trunk's
 # features change more with the size than with the shape (its best per-layer probe: 66 % with radii 0.25-0.42,
-# 41 % with 0.12-0.42), while PIRL's random crops teach the trunk to ignore it (README, "Short schedules").
+# 41 % with 0.12-0.42), while PIRL's random crops teach the trunk to ignore it (docs/training.md, "Short schedules
+# on a CPU").
 SHAPE_RADII = (0.12, 0.42)
 
 

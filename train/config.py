@@ -7,11 +7,20 @@ an unknown key or a value of the wrong type is an error, never ignored.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import io
 import sys
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence, get_type_hints
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,7 +40,7 @@ class DataConfig:
     # hash every shard (or the .beton) against manifest.json's sha256 before training; sizes are always checked
     verify_sha256: bool = False
     # corrupt samples (unreadable or truncated JPEGs) one process may skip per epoch before training stops with
-    # an error naming the shard and sample; each is left out of its batch (README, "When things go wrong")
+    # an error naming the shard and sample; each is left out of its batch (docs/troubleshooting.md)
     max_skipped_per_epoch: int = 100
     # backend=ffcv only: read the .beton through the OS page cache (shared by a node's ranks); false: FFCV's own
     ffcv_os_cache: bool = True
@@ -43,11 +52,11 @@ class ModelConfig:
     embed_dim: int = 128  # output of heads f and g (paper section 2.3)
     # BatchNorm statistics over all processes' samples (torch's SyncBatchNorm on CUDA, model/sync_batchnorm.py
     # elsewhere): N processes then train like one with the global batch. Off: per-process statistics, the
-    # paper's setting (32 per GPU) and cheaper; README, "Multi-process runs".
+    # paper's setting (32 per GPU) and cheaper; docs/distributed.md, "N processes = 1 process".
     sync_bn: bool = False
     num_permutations: int = 1000  # method=jigsaw: the classes, a max-Hamming set (model/permutations.py)
     # pirl / npid heads: "none" = the paper's linear heads; "bn" = centred outputs (BatchNorm1d, no affine), which
-    # short schedules need against the collapse onto one direction (model/heads.py output_norm; README)
+    # short schedules need against the collapse onto one direction (model/heads.py output_norm; docs/training.md)
     head_norm: str = "none"
 
 
@@ -61,9 +70,10 @@ class LossConfig:
     bank_momentum: float = 0.5  # EMA weight of the memory bank (paper section 2.4)
     bank_init: str = "random"  # "random": unit vectors, as the reference; "features": f(v_I) of the initial net
     # "replicated": every rank holds the whole bank (the reference's way); "sharded": row i on rank i % world,
-    # bank memory / world per rank (README, "The memory bank across ranks": shard with shared_negatives)
+    # bank memory / world per rank (docs/distributed.md, "The memory bank across ranks": shard with shared_negatives)
     bank: str = "replicated"
-    bank_dtype: str = "float32"  # float32, bfloat16 or float16 rows: half the memory (README: the loss's deviation)
+    # float32, bfloat16 or float16 rows: half the memory (docs/results.md: the loss's deviation)
+    bank_dtype: str = "float32"
 
 
 @dataclass
@@ -87,7 +97,7 @@ class RunConfig:
     bf16: bool = False  # bfloat16 autocast for the forward pass
     channels_last: bool = False  # NHWC memory format for the trunk (faster convolutions on recent GPUs)
     cpu: bool = False  # force CPU even where a GPU is present
-    tensorboard: bool = True  # write TensorBoard events next to log.jsonl
+    tensorboard: bool = True  # TensorBoard events in run.out_dir/tensorboard/ (log.jsonl is written either way)
 
 
 @dataclass
@@ -106,7 +116,7 @@ class KnnConfig:
 
 @dataclass
 class PirlConfig:
-    # what is learned (README, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
+    # what is learned (docs/training.md, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
     # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4),
     # supervised (the image view's class label: the reference a pretraining is measured against; labelled shards)
     method: str = "pirl"
@@ -142,20 +152,173 @@ def _overrides_to_dotlist(overrides: Sequence[str]) -> list[str]:
     return dotlist
 
 
-def load_config(schema: type, config_path: str | Sequence[str] | None, overrides: Sequence[str]) -> Any:
+class ConfigKey(NamedTuple):
+    """One leaf of a config schema: its dotted name, default as typed on the command line, and its meaning."""
+
+    name: str
+    default: str
+    help: str
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its source comment}: the comment on the field's line and the comment lines right below it, or else
+    the comment lines right above it; a field with neither shares the previous field's when written right below
+    it (one comment over a pair of fields). Empty where the source is not available."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
+    own_line = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
+    body = [node for node in tree.body[0].body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)]
+    starts = {node.lineno: node.end_lineno for node in body}  # first line -> last line of each field
+    out: dict[str, str] = {}
+    claimed: set[int] = set()  # comment lines continuing the field above them
+    shared = ""  # the comment above the previous field, when this field follows it directly
+    previous_end = 0
+    for node in body:
+        text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n not in own_line]
+        above = not text
+        if text:
+            block = []
+            n = node.end_lineno + 1
+            while n in own_line:
+                block.append(n)
+                n += 1
+            opens_next = n in starts and not any(m in comments for m in range(n, starts[n] + 1))
+            if not opens_next:  # else the block is the comment of the next field, which has none on its line
+                text += [comments[b] for b in block]
+                claimed.update(block)
+        else:
+            n = node.lineno - 1
+            while n in own_line and n not in claimed:
+                text.insert(0, comments[n])
+                n -= 1
+            if not text and previous_end == node.lineno - 1:
+                text = [shared]
+        out[node.target.id] = " ".join(t for t in text if t)
+        shared = out[node.target.id] if above else ""
+        previous_end = node.end_lineno
+    return out
+
+
+def _format_default(value: Any) -> str:
+    """A default as it would be typed after `--key=`."""
+    if value == MISSING:
+        return "???"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_default(v) for v in value) + "]"
+    return str(value)
+
+
+def config_keys(schema: type, prefix: str = "") -> list[ConfigKey]:
+    """Every leaf key of a dataclass schema, nested dataclasses flattened to dotted names, in declaration order."""
+    comments = _field_comments(schema)
+    hints = get_type_hints(schema)
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+    keys: list[ConfigKey] = []
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind):
+            keys += config_keys(kind, f"{name}.")
+        else:
+            keys.append(ConfigKey(name, _format_default(defaults[f.name]), comments.get(f.name, "")))
+    return keys
+
+
+def keys_help(schema: type, width: int = 100) -> str:
+    """The --help listing: every key with its default and meaning."""
+    column = 34
+    out = ["config keys: set any as --key=VALUE (or --key VALUE); shown with its default (??? = required)"]
+    for key in config_keys(schema):
+        head = f"  --{key.name}={key.default}"
+        if not key.help:
+            out.append(head)
+            continue
+        wrapped = textwrap.wrap(key.help, width=width - column - 2) or [""]
+        if len(head) + 2 > column:
+            out.append(head)
+        else:
+            out.append(f"{head:<{column}}{wrapped.pop(0)}")
+        out += [" " * column + line for line in wrapped]
+    return "\n".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _key_names(schema: type) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(every leaf key, every section) of a schema: what a command-line key may name."""
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            yield f"{prefix}{key}", isinstance(value, dict)
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+
+    found = list(walk(OmegaConf.to_container(OmegaConf.structured(schema), resolve=False), ""))
+    return tuple(name for name, section in found if not section), frozenset(name for name, section in found if section)
+
+
+def _suggest(schema: type, key: str) -> str:
+    """The "; did you mean --x?" of an unknown key: close spellings, or keys with the same last part."""
+    names = _key_names(schema)[0]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    close += [name for name in names if name.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and name not in close]
+    return f"; did you mean {' or '.join('--' + name for name in close[:3])}?" if close else ""
+
+
+def _check_known(schema: type, dotlist: Sequence[str]) -> None:
+    """An unknown command-line key is a ConfigError naming it and the keys it may have meant."""
+    leaves, sections = _key_names(schema)
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        if key not in leaves and key not in sections:
+            raise ConfigError(f"unknown config key --{key}{_suggest(schema, key)} (--help lists every key)")
+
+
+def merge_config(schema: type, config_path: str | Sequence[str] | None, overrides: Sequence[str]) -> Any:
     """Defaults from `schema`, then the YAML file(s) in order (a recipe, then e.g. a method's few keys), then the
-    overrides; returns a `schema` instance."""
+    overrides: an OmegaConf DictConfig in which required values may still be missing (shown as ???).
+
+    An override whose value is ??? checks only that its key exists (and leaves the value as it was)."""
     paths = [] if config_path is None else [config_path] if isinstance(config_path, (str, Path)) else list(config_path)
     merged = OmegaConf.structured(schema)
     try:
         for path in map(Path, paths):
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_overrides_to_dotlist(overrides)))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"{_describe(exc)} (in {path})") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        dotlist = _overrides_to_dotlist(overrides)
+        _check_known(schema, dotlist)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
-        where = f" (in {', '.join(map(str, paths))} or the command line)" if paths else ""
-        raise ConfigError(f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}{where}") from None
+        raise ConfigError(f"{_describe(exc)} (on the command line)") from None
+    return merged
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    full_key = getattr(exc, "full_key", None)
+    where = f" [key {full_key}]" if full_key else ""
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}{where}"
+
+
+def load_config(schema: type, config_path: str | Sequence[str] | None, overrides: Sequence[str]) -> Any:
+    """Defaults from `schema`, then the YAML file(s) in order (a recipe, then e.g. a method's few keys), then the
+    overrides; returns a `schema` instance. A required value still missing is a ConfigError naming it."""
+    merged = merge_config(schema, config_path, overrides)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"missing required config values: {', '.join(missing)} (set e.g. --{missing[0]}=...)")
@@ -170,13 +333,14 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def parse_args(
-    argv: Sequence[str] | None, description: str, resumable: bool = True
-) -> tuple[argparse.Namespace, list[str]]:
+def build_parser(description: str, resumable: bool = True, schema: type | None = None) -> argparse.ArgumentParser:
+    """The options of a config-driven script; with `schema`, --help lists every config key (keys_help)."""
     parser = argparse.ArgumentParser(
         description=description,
         allow_abbrev=False,  # `--res` must not silently mean `--resume`
-        epilog="Any config value can be overridden as --section.key=value, e.g. --optim.lr=0.3 --data.batch_size=64.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys_help(schema) if schema is not None else
+        "Any config value can be overridden as --section.key=value.",
     )
     parser.add_argument("--config", action="append",
                         help="YAML file of overrides (see train/configs/); repeat to layer files, later ones win "
@@ -189,8 +353,16 @@ def parse_args(
             default=None,
             help="continue a run: a checkpoint path, or no value for the latest checkpoint in run.out_dir",
         )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_known_args(argv)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (a required value not set shows as ???) and exit")
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None, description: str, resumable: bool = True, schema: type | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """(options, the rest: config overrides)."""
+    return build_parser(description, resumable, schema).parse_known_args(argv)
 
 
 def config_from_cli(
@@ -198,15 +370,20 @@ def config_from_cli(
 ) -> tuple[argparse.Namespace, Any | None]:
     """Parse the command line into (args, config); config is None when --print-config has printed it.
 
+    --print-config prints the config as far as it is set, a required value not yet given as ???, and exits 0.
     A bad config exits with status 2 and one line naming the key or file.
     """
-    args, overrides = parse_args(argv, description, resumable)
+    args, overrides = parse_args(argv, description, resumable, schema)
     try:
+        if args.print_config:
+            merged = merge_config(schema, args.config, overrides)
+            print(OmegaConf.to_yaml(merged))
+            missing = sorted(OmegaConf.missing_keys(merged))
+            if missing:
+                print(f"not set (a run needs them): {', '.join(missing)}", file=sys.stderr)
+            return args, None
         cfg = load_config(schema, args.config, overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.print_config:
-        print(to_yaml(cfg))
-        return args, None
     return args, cfg

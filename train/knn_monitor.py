@@ -7,7 +7,8 @@ Wu et al. 2018 (NPID), section 3.4: features are the L2-normalised pooled res5 v
 (the same extraction as train/linear_probe.py, shared code); each test image takes its k most cosine-similar
 training images and every neighbour votes for its class with weight exp(sim / T); top-1 = the class with the
 largest vote. No training, no hyperparameters to tune: a trend line for the representation during pretraining,
-not a replacement for the linear probe.
+not a replacement for the linear probe. The training and test shards must have equal manifest `classes`, as for
+the probe: the monitor refuses others when it is built, naming the first difference (pipelines/class_index.py).
 
 Defaults: T = 0.07 is NPID's temperature (the same tau as its NCE loss and PIRL's: docs PIRL.md, "Loss").
 k = 20 follows DINO (Caron et al. 2021: "20 NN consistently works best" with T = 0.07); NPID's own code uses
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pirl_trainer import pipelines
+from pirl_trainer.pipelines.class_index import check_same_classes
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.train.linear_probe import extract_features
 
@@ -93,6 +95,9 @@ class KnnMonitor:
         self.k, self.temperature = k, temperature
         self.train_loader, self.train_keep = self._loader(train_shards, max_train, backend, batch_size, num_workers)
         self.test_loader, self.test_keep = self._loader(test_shards, max_test, backend, batch_size, num_workers)
+        # at construction too: the votes name training classes and are scored against the test labels
+        check_same_classes("kNN monitor", train_shards, self.train_loader.classes, test_shards,
+                           self.test_loader.classes)
 
     def _loader(self, shards: str, cap: int | None, backend: str, batch_size: int, num_workers: int):
         loader = pipelines.make_loader(backend, shards, self.recipe, batch_size=batch_size,

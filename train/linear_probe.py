@@ -13,9 +13,11 @@ Its L2 weight decay is chosen per stage, as Goyal et al. 2019 choose their class
 classifier per value of `weight_decays` is fitted on the training features less a held-out `validation_fraction`,
 the value with the best top-1 on that held-out part is kept, and the classifier is refitted with it on all the
 training features; the test set is only used once, by that classifier. (A stage's best value differs with its
-dimension and the trunk: README, "Linear probe".) The result's "top1" is the best stage's; "per_layer" holds
+dimension and the trunk: docs/evaluation.md, "Linear probe".) The result's "top1" is the best stage's; "per_layer" holds
 every stage's, "weight_decay" and "per_layer_validation" the chosen values and their held-out top-1, "bn" the
-BatchNorm statistics used ("precise" or "running").
+BatchNorm statistics used ("precise" or "running"). Training and test shards must have equal manifest `classes`
+(a label is a position in that list; tools/make_shards.py --classes gives a test set the training set's), else the
+probe refuses before extracting any feature, naming the first difference (pipelines/class_index.py).
 
 Pooling per stage (pool_grid): res2..res4 are average-pooled to a g x g grid with g = round(sqrt(9216 / C)) for
 C channels, i.e. about 9,000 dimensions whatever the trunk, as Goyal et al. 2019 do (their VISSL config pools
@@ -47,6 +49,7 @@ from tqdm import tqdm
 from pirl_trainer import pipelines
 from pirl_trainer.model.trunk import build_trunk
 from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.class_index import check_same_classes
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.train import checkpoint
 from pirl_trainer.train.config import ConfigError, config_from_cli
@@ -65,7 +68,7 @@ class ProbeConfig:
     image_size: int = 0  # centre-crop size; 0 = the checkpoint's recipe.image_size (224 without one)
     backend: str = "reference"  # a key of pipelines.BACKENDS
     batch_size: int = 64  # feature-extraction batch
-    num_workers: int = 2
+    num_workers: int = 2  # loader workers (reference: DataLoader workers; dali: threads)
     epochs: int = 100  # passes of the classifier over the cached features
     lr: float = 1e-3  # Adam on standardised features
     weight_decays: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 2e-3, 1e-2, 5e-2, 0.2])  # L2 on the
@@ -197,13 +200,20 @@ def extract_features(
     return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
 
 
-def extract(trunk: torch.nn.Module, shards: str, recipe: PirlRecipe, cfg: ProbeConfig, what: str,
-            layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+def eval_loader(shards: str, recipe: PirlRecipe, cfg: ProbeConfig):
+    """An eval-mode loader of labelled shards (else a ValueError naming them)."""
     loader = pipelines.make_loader(
         cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers, mode="eval"
     )
     if not loader.labelled:
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
+    return loader
+
+
+def extract(trunk: torch.nn.Module, loader, recipe: PirlRecipe, cfg: ProbeConfig, what: str,
+            layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Features of every stage in `layers` and the labels of an eval_loader's samples, and its class count;
+    what="train" with cfg.precise_bn re-estimates the trunk's BatchNorm statistics on them first."""
     if what == "train" and cfg.precise_bn:
         loader.set_epoch(0)
         recalibrate_batchnorm(trunk, (image for _, image in eval_images(loader, recipe)))
@@ -281,8 +291,11 @@ def probe(cfg: ProbeConfig) -> dict:
         raise ConfigError(f"validation_fraction must be in (0, 1) to choose among weight_decays, "
                           f"got {cfg.validation_fraction}")
     trunk, arch, recipe = load_trunk(cfg)
-    x_train, y_train, num_classes = extract(trunk, cfg.train_shards, recipe, cfg, "train", layers)
-    x_test, y_test, _ = extract(trunk, cfg.test_shards, recipe, cfg, "test", layers)
+    train_loader, test_loader = eval_loader(cfg.train_shards, recipe, cfg), eval_loader(cfg.test_shards, recipe, cfg)
+    # before any feature: a test label must name the class the classifier learnt under that number
+    check_same_classes("linear probe", cfg.train_shards, train_loader.classes, cfg.test_shards, test_loader.classes)
+    x_train, y_train, num_classes = extract(trunk, train_loader, recipe, cfg, "train", layers)
+    x_test, y_test, _ = extract(trunk, test_loader, recipe, cfg, "test", layers)
     num_classes = max(num_classes, int(y_train.max()) + 1, int(y_test.max()) + 1)
     per_layer, per_layer_train, decay, validation = {}, {}, {}, {}
     for name in layers:

@@ -8,7 +8,8 @@ methods differs in the objective only (paper section 3's baselines):
 - jigsaw: which of model.num_permutations fixed permutations shuffled It's patches (Noroozi & Favaro 2016);
 - rotation: by how many quarter turns It was rotated (Gidaris et al. 2018);
 - supervised: the image view's class label (labelled shards): the paper's supervised row, the ceiling a
-  pretraining method is measured against on the same budget.
+  pretraining method is measured against on the same budget. With the kNN monitor on, knn.test_shards must have
+  the training shards' classes (pipelines/class_index.py), as the probe's test shards must.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pirl_trainer.model.covariant import CovariantNet, draw_permutation_ids
 from pirl_trainer.model.heads import HEAD_NORMS
 from pirl_trainer.model.pirl import PIRLNet
 from pirl_trainer.pipelines.augment import draw_params
+from pirl_trainer.pipelines.class_index import check_same_classes, manifest_classes
 from pirl_trainer.train.config import ConfigError, PirlConfig
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised")
@@ -61,6 +63,10 @@ def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
     if cfg.method == "supervised" and not classes:
         raise ConfigError(f"method=supervised learns the class labels, but data.shards={cfg.data.shards!r} is not "
                           "labelled: make the shards from class folders (tools/make_shards.py)")
+    if cfg.method == "supervised" and cfg.knn.every > 0 and cfg.knn.test_shards:
+        # the monitor votes with its own training shards' labels; this is the classifier's index against the test's
+        check_same_classes("method=supervised (data.shards against knn.test_shards)", cfg.data.shards, classes,
+                           cfg.knn.test_shards, manifest_classes(cfg.knn.test_shards))
     return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles,
                         num_classes=len(classes) if cfg.method == "supervised" else None)
 

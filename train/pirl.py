@@ -180,7 +180,7 @@ def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator:
 
     With random rows the first epoch pulls each image towards a random target and the NCE constant Z is
     estimated on near-zero similarities; on small CPU runs that drives the embeddings to collapse (measured:
-    README, "Memory-bank initialisation"). BatchNorm uses batch statistics here, as in training.
+    docs/training.md, "Short schedules on a CPU"). BatchNorm uses batch statistics here, as in training.
     """
     loader = build_loader(cfg, accelerator, mode="eval")
     loader.set_epoch(0)

@@ -16,9 +16,9 @@ from pirl_trainer.pipelines.views import decode, eval_view, jpeg_header, pretrai
 
 REDUCED = PirlRecipe()
 FULL = dataclasses.replace(REDUCED, reduced_decoding=False)
-# Measured on the 400 ImageNet photos of imagenet-sample (README, "The reference backend"): views decoded at 1/2
-# or 1/4 scale differ from full-resolution ones by 1.06 / 0.73 grey levels on average (mean |diff| per view),
-# 4.9 at worst, single pixels up to ~40 at sharp edges; the bounds below leave room for other photos.
+# Measured on the 400 ImageNet photos of imagenet-sample (docs/pipelines.md, "The reference backend"): views
+# decoded at 1/2 or 1/4 scale differ from full-resolution ones by 1.06 / 0.73 grey levels on average (mean |diff|
+# per view), 4.9 at worst, single pixels up to ~40 at sharp edges; the bounds below leave room for other photos.
 MEAN_LEVELS, WORST_VIEW_LEVELS = 2.0, 8.0
 
 

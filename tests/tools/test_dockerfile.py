@@ -32,15 +32,21 @@ def test_hadolint_passes():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_image_installs_with_the_script_ci_runs_and_launches_the_trainer():
+def test_the_image_installs_with_the_script_ci_runs_and_enters_through_the_entry_script():
     steps = instructions(REPO / "Dockerfile")
     (base,) = [args for word, args in steps if word == "FROM"]
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-devel", base), base  # a pinned tag
+    (workdir,) = [args for word, args in steps if word == "WORKDIR"]
     runs = [args for word, args in steps if word == "RUN"]
-    assert runs and all(args.startswith("bash tools/install.sh ") for args in runs), runs
-    assert {args.split()[2] for args in runs} == {"system", "python"}
+    # every step but one is the script's; the one links runs/ (where configs put run.out_dir) to the mounted /runs
+    link = f"ln -s /runs {workdir}/runs"
+    installs = [args for args in runs if args != link]
+    assert runs.count(link) == 1 and all(args.startswith("bash tools/install.sh ") for args in installs), runs
+    assert {args.split()[2] for args in installs} == {"system", "python"}
+    assert "runs" in (REPO / ".dockerignore").read_text().split()  # a clone's runs/ must not replace the link
     (entry,) = [args for word, args in steps if word == "ENTRYPOINT"]
-    assert entry == '["accelerate", "launch", "train/pirl.py"]'
+    assert entry == '["python", "tools/docker_entry.py"]'  # tests/tools/test_cluster_scripts.py runs it
+    assert (REPO / "tools" / "docker_entry.py").is_file()
 
     ci = (REPO / ".ci" / "run").read_text()
     assert "bash tools/install.sh system" in ci and "bash tools/install.sh python" in ci

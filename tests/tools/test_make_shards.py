@@ -325,3 +325,22 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_manifest(tree, tmp_path, cap
     assert f"cannot write {out}: No space left on device" in err and "no manifest.json was written" in err
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tmp"))  # the shard in progress is removed
+
+
+def test_labels_and_classes_belong_with_input(tree, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--verify", str(tmp_path), "--classes", str(tmp_path)])
+    assert exited.value.code == 2 and "--verify takes no --input/--output/--labels/--classes" in capsys.readouterr().err
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tree[0]}/d_more/00.jpg\td_more\n")
+    out = tmp_path / "out"
+    assert main(["--input", str(listing), "--labels", str(listing), "--output", str(out), "--workers", "0"]) == 2
+    assert f"--input {listing} is a list file" in capsys.readouterr().err and not out.exists()
+    # --classes from a shard folder of class folders: the list's name gets that folder's label
+    classes = tmp_path / "classes"
+    assert main(["--input", str(tree[0]), "--output", str(classes), "--workers", "0", "--no-progress"]) == 0
+    assert main(["--input", str(listing), "--classes", str(classes), "--output", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["classes"] == ["a_good", "b_empty", "c_convert", "d_more"]
+    assert [decode_int64(s["label"]) for s in read_shards(out)[0]] == [3]

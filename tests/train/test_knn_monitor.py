@@ -148,3 +148,50 @@ def test_evaluate_accepts_a_feature_function_and_small_k(synthetic_shards):
 def test_unlabelled_shards_fail_at_construction(unlabelled_shards):
     with pytest.raises(ValueError, match="no labels"):
         knn_monitor.KnnMonitor(str(unlabelled_shards), str(unlabelled_shards), PirlRecipe(), num_workers=0)
+
+
+def relabelled_copy(shards, dest, classes):
+    """A copy of a shard folder whose manifest names other classes (same samples, same labels)."""
+    import json
+    import shutil
+
+    shutil.copytree(shards, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["classes"] = classes
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+# tools/synthetic_data.py's class folders, sorted as make_shards sorts them
+SYNTHETIC_CLASSES = ["bar", "circle", "crescent", "cross", "frame", "ring", "square", "star", "triangle",
+                     "triangle_outline"]
+
+
+def test_class_difference_names_the_first_position_or_the_counts():
+    from pirl_trainer.pipelines.class_index import class_difference
+
+    a = ["n01440764", "n01443537", "n01484850"]
+    assert class_difference(a, list(a)) is None
+    assert class_difference(a, ["n01440764", "n01484850", "n01491361"]) == (
+        "class 1 is 'n01443537' in the training shards and 'n01484850' in the test shards (3 and 3 classes)")
+    assert class_difference(a, a[:2]) == "the training shards have 3 classes, the test shards 2 (the first 2 agree)"
+    assert class_difference(a[:1], ["x", *a]).startswith("class 0 is 'n01440764' in the training shards and 'x'")
+
+
+def test_shards_with_other_classes_are_refused_at_construction(synthetic_shards, tmp_path):
+    from pirl_trainer.pipelines.class_index import ClassIndexMismatch, check_same_classes
+
+    assert pipelines.make_loader("reference", str(synthetic_shards), PirlRecipe(), batch_size=8, num_workers=0,
+                                 mode="eval").classes == SYNTHETIC_CLASSES
+    renamed = relabelled_copy(synthetic_shards, tmp_path / "renamed",
+                              [*SYNTHETIC_CLASSES[:3], "plus", *SYNTHETIC_CLASSES[4:]])
+    with pytest.raises(ClassIndexMismatch) as refused:
+        knn_monitor.KnnMonitor(str(synthetic_shards), str(renamed), PirlRecipe(), num_workers=0)
+    assert str(refused.value).startswith(
+        f"kNN monitor: training shards {synthetic_shards} and test shards {renamed} have different class indexes: "
+        "class 3 is 'cross' in the training shards and 'plus' in the test shards (10 and 10 classes).")
+    longer = relabelled_copy(synthetic_shards, tmp_path / "longer", [*SYNTHETIC_CLASSES, "extra"])
+    with pytest.raises(ClassIndexMismatch, match=r"the training shards have 10 classes, the test shards 11 \(the "
+                                                 r"first 10 agree\)"):
+        knn_monitor.KnnMonitor(str(synthetic_shards), str(longer), PirlRecipe(), num_workers=0)
+    check_same_classes("kNN monitor", "a", SYNTHETIC_CLASSES, "b", None)  # unlabelled: each user's own refusal

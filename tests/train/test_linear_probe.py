@@ -155,3 +155,19 @@ def test_the_weight_decay_is_chosen_on_held_out_training_features():
 def test_a_bad_weight_decay_grid_is_a_config_error(synthetic_shards, extra, match):
     with pytest.raises(ConfigError, match=match):
         linear_probe.main(probe_args(synthetic_shards, extra))
+
+
+def test_shards_with_other_classes_are_refused_before_any_feature(synthetic_shards, tmp_path, monkeypatch):
+    from pirl_trainer.pipelines.class_index import ClassIndexMismatch
+    from tests.train.test_knn_monitor import SYNTHETIC_CLASSES, relabelled_copy
+
+    test = relabelled_copy(synthetic_shards, tmp_path / "test", [*SYNTHETIC_CLASSES[:9], "triangle_open"])
+
+    def extract(*args):
+        raise AssertionError("features extracted before the classes were compared")
+
+    monkeypatch.setattr(linear_probe, "extract", extract)
+    with pytest.raises(ClassIndexMismatch, match=(
+            f"linear probe: training shards {synthetic_shards} and test shards {test} have different class indexes: "
+            "class 9 is 'triangle_outline' in the training shards and 'triangle_open' in the test shards")):
+        linear_probe.main(probe_args(synthetic_shards, f"--test_shards={test}"))

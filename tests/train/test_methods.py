@@ -130,3 +130,19 @@ def test_config_files_layer_in_order(tmp_path):
     top.write_text("method: jigsaw\ndata:\n  batch_size: 16\n")
     cfg = load_config(PirlConfig, [str(base), str(top)], ["--data.shards=/s", "--data.num_workers=1"])
     assert (cfg.method, cfg.data.batch_size, cfg.data.num_workers) == ("jigsaw", 16, 1)
+
+
+def test_supervised_and_the_knn_monitor_refuse_test_shards_with_other_classes(synthetic_shards, tmp_path):
+    from pirl_trainer.pipelines.class_index import ClassIndexMismatch
+    from tests.train.test_knn_monitor import SYNTHETIC_CLASSES, relabelled_copy
+
+    test = relabelled_copy(synthetic_shards, tmp_path / "test", SYNTHETIC_CLASSES[::-1])
+    knn = ["--knn.every=2", f"--knn.test_shards={test}"]
+    with pytest.raises(ClassIndexMismatch, match=(
+            rf"method=supervised \(data.shards against knn.test_shards\): training shards {synthetic_shards} and "
+            f"test shards {test} have different class indexes: class 0 is 'bar' in the training shards and "
+            "'triangle_outline' in the test shards")):
+        run(synthetic_shards, tmp_path / "supervised", "supervised", *knn)
+    with pytest.raises(ClassIndexMismatch, match=f"kNN monitor: training shards {synthetic_shards} and test shards"):
+        run(synthetic_shards, tmp_path / "pirl", "pirl", *knn)
+    assert not list(tmp_path.glob("*/checkpoints/*.pt"))  # refused before the first step

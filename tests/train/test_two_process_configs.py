@@ -135,7 +135,7 @@ def lose_tail(shards: Path, index: int, dst: Path) -> None:
 @pytest.mark.slow
 def test_corrupt_sample_on_one_rank(synthetic_shards, tmp_path, loss_calls):
     """A sample of rank 1's first batch is corrupt: rank 1 trains step 1 on 3 samples, rank 0 on its 4, and both
-    take the same steps. README ("When things go wrong"): the loss is the mean over the samples that remain, a
+    take the same steps. docs/troubleshooting.md: the loss is the mean over the samples that remain, a
     sample left out on another rank counted as if present, so rank 0's mean weighs 4/8 and rank 1's 3/7, at most
     1/global batch below the single process's mean over the same 7 samples."""
     rank_batches = [epoch_batches(30, 4, rank=r, world_size=2)[0] for r in (0, 1)]

@@ -30,8 +30,9 @@ VARIANTS = ("shared", "per_sample", "per_sample_gather", "per_sample_dense", "pe
 # Variants whose largest temporary would pass this are skipped (the dense logits, the materialised rows).
 MAX_TEMP_BYTES = 4 * 2**30
 SEED = 0
-# The reference implementation's NCE forward alone (VISSL nce_loss.py, per-sample draws) on one core of this
-# project's machines, as quoted in issue 9: shown beside the per-sample figures at the same sizes.
+# The reference implementation's NCE forward alone (VISSL nce_loss.py, per-sample draws) on one core of a 2-core
+# CPU, measured outside this repository (VISSL is not a dependency): shown beside the per-sample figures at the
+# same sizes.
 VISSL_FORWARD = {"rows": 100_000, "dim": 128, "batch": 64, "negatives": 32_000, "ms": 1756.0}
 
 

@@ -37,6 +37,7 @@ from pirl_trainer.pipelines.shard_index import file_sha256
 from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
 from pirl_trainer.tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
 from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS
+from pirl_trainer.tools.sharding.sources import open_source
 from pirl_trainer.tools.sharding.verify import JPEG_SOI, VerifyReport, verify_shards
 
 FORMAT = "beton"
@@ -75,11 +76,14 @@ def build_beton(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     jpeg_quality: int | None = None,
     compress_probability: float = 1.0,
+    labels: str | os.PathLike | None = None,
+    classes: str | os.PathLike | None = None,
 ) -> dict:
     """Make OUT/dataset.beton + OUT/manifest.json from an image folder, a list file or a shard folder of this tool.
 
     workers: decoding processes (as build_shards) and FFCV writer processes (at least 1). shard_size only sizes the
-    temporary shards. jpeg_quality: re-encoding quality (None: build_shards' default). Returns the manifest.
+    temporary shards. jpeg_quality: re-encoding quality (None: build_shards' default). labels, classes: as
+    build_shards. Returns the manifest.
     """
     _import_ffcv()
     src, out = Path(src), Path(out)
@@ -89,6 +93,11 @@ def build_beton(
     if from_shards and (max_side is not None or jpeg_quality is not None):
         raise ValueError(f"--input {src} is a shard folder: its images are converted as stored, so --max-side and "
                          "--jpeg-quality do not apply (remake the shards from the images to change them)")
+    if from_shards and (labels is not None or classes is not None):
+        raise ValueError(f"--input {src} is a shard folder: its labels are converted as stored, so --labels and "
+                         "--classes do not apply (remake the shards from the images to change them)")
+    if not from_shards:
+        open_source(src, labels=labels, classes=classes)  # labels that do not fit: refused before OUT is made
     _prepare_output(out, src if src.is_dir() and not from_shards else None)
     if from_shards:
         source_manifest = load_manifest(src)
@@ -105,7 +114,8 @@ def build_beton(
     tmp = out / TMP_SHARDS
     kwargs = {} if jpeg_quality is None else {"jpeg_quality": jpeg_quality}
     manifest = build_shards(src, tmp, workers=workers, shard_size=shard_size, max_side=max_side,
-                            show_progress=show_progress, max_pixels=max_pixels, **kwargs)
+                            show_progress=show_progress, max_pixels=max_pixels, labels=labels, classes=classes,
+                            **kwargs)
     try:
         return _convert(tmp, out, manifest, manifest["source"], workers=workers,
                         compress_probability=compress_probability)

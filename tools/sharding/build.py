@@ -16,7 +16,7 @@ from pirl_trainer.tools.sharding.ordered_pool import OrderedPool
 from pirl_trainer.tools.sharding.progress import Progress
 from pirl_trainer.tools.sharding.sample_format import sample_entries, sample_key
 from pirl_trainer.tools.sharding.shard_writer import ShardWriter
-from pirl_trainer.tools.sharding.sources import Entry, open_source
+from pirl_trainer.tools.sharding.sources import ClassIndex, Entry, open_source
 
 # 256 MiB: WebDataset's docs advise shards of ~100 MB-1 GB for streaming reads. ImageNet-1k train
 # (ILSVRC2012_img_train.tar: 137.7 GiB) then makes ~550 shards, several for each of the 64 readers
@@ -56,11 +56,16 @@ def build_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prefix: str = DEFAULT_PREFIX,
     jpeg_quality: int = JPEG_QUALITY,
+    labels: str | os.PathLike | None = None,
+    classes: str | os.PathLike | ClassIndex | None = None,
 ) -> dict:
-    """Make WebDataset shards of `src` (image folder tree or list file) in the new or empty folder `out`.
+    """Make WebDataset shards of `src` (image folder tree, list file, or flat image folder with `labels`) in the
+    new or empty folder `out`.
 
-    workers=0 decodes in this process; workers>=1 uses that many spawned processes. Returns the manifest
-    as written to out/manifest.json. Raises OutputNotEmptyError if `out` holds anything.
+    labels: a labels file for a flat folder (sources.read_labels). classes: the class index to label with, a shard
+    folder (its manifest's classes) or a file of names (sources.read_class_index). workers=0 decodes in this
+    process; workers>=1 uses that many spawned processes. Returns the manifest as written to out/manifest.json.
+    Raises OutputNotEmptyError if `out` holds anything, SourceError (nothing written) for labels that do not fit.
     """
     src, out = Path(src), Path(out)
     if shard_size < 1 or max_pixels < 1 or (max_side is not None and max_side < 1):
@@ -71,8 +76,8 @@ def build_shards(
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r}: use letters, digits, '_' and '-' only")
-    source = open_source(src)
-    _prepare_output(out, src if source.kind == "folder" else None)
+    source = open_source(src, labels=labels, classes=classes)
+    _prepare_output(out, source.input_root)
 
     options = CheckOptions(max_pixels=max_pixels, max_side=max_side, jpeg_quality=jpeg_quality)
     writer = ShardWriter(out, prefix, shard_size)
@@ -104,17 +109,16 @@ def build_shards(
         finally:
             progress.close()
 
-        if source.kind == "folder":
-            classes = source.classes
-        else:
-            # A list's labels are integers: name class i "i", for every i up to the largest label in the list
+        class_names = source.classes
+        if class_names is None and source.labelled:
+            # A list numbering its classes: name class i "i", for every i up to the largest label in the list
             # (skipped files included), so that len(classes) is the number of outputs a classifier needs.
-            classes = [str(i) for i in range(max_label + 1)] if source.labelled else None
+            class_names = [str(i) for i in range(max_label + 1)]
         manifest = {
             "format_version": FORMAT_VERSION,
             "num_samples": num_samples,
             "labelled": source.labelled,
-            "classes": classes,
+            "classes": class_names,
             "shards": shards,
             "num_skipped": sum(skip_counts.values()),
             "skipped_by_reason": dict(sorted(skip_counts.items())),
@@ -127,7 +131,7 @@ def build_shards(
                 "prefix": prefix,
                 "workers": workers,
             },
-            "source": {"kind": source.kind, "path": str(src.resolve())},
+            "source": source.description,
         }
         skipped.seek(0)
         write_manifest(out, manifest, (json.loads(line) for line in skipped))

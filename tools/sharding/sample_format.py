@@ -1,4 +1,4 @@
-"""The entries of one shard sample (the shard format in the README, "Making shards")."""
+"""The entries of one shard sample (the shard format in docs/data.md)."""
 
 from __future__ import annotations
 
