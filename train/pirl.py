@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pirl_trainer import pipelines
 from pirl_trainer.model.covariant import classification_loss
 from pirl_trainer.model.losses import negative_similarities, pirl_loss
-from pirl_trainer.model.memory_bank import MemoryBank
+from pirl_trainer.model.memory_bank import MemoryBank, check_num_negatives
 from pirl_trainer.model.sharded_bank import ShardedMemoryBank
 from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
 from pirl_trainer.pipelines.augment import KERNEL_CHOICES, BatchAugment
@@ -242,6 +242,12 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
     bank = build_bank(cfg, loader.num_samples, device) if contrastive else None
+    if contrastive:
+        try:  # before the bank's initialisation and the first step, not at the first draw
+            check_num_negatives(cfg.loss.num_negatives, loader.num_samples)
+        except ValueError as err:
+            raise ConfigError(f"loss.num_negatives = {cfg.loss.num_negatives} does not fit {cfg.data.shards} "
+                              f"({loader.num_samples} samples): {err}") from None
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay

@@ -361,3 +361,9 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one(tmp_path, monkeyp
     assert not second.exists() and not list(second.parent.glob("*.tmp"))  # nothing partial left to be taken
     assert checkpoint.latest_checkpoint(tmp_path) == first
     assert checkpoint.load(first)["step"] == 3
+
+
+def test_more_negatives_than_the_data_holds_is_a_config_error_before_training(synthetic_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss.num_negatives = 30 does not fit .* \(30 samples\): .*only 29 rows"):
+        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--loss.num_negatives=30", "--loss.bank_init=features"])
+    assert not (tmp_path / checkpoint.CHECKPOINT_DIR).exists()
