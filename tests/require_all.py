@@ -19,7 +19,8 @@ def required() -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one, even when every test is required")
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device; skipped without one, even when every test is required")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-from pirl_trainer import tools  # noqa: F401  (takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`)
+# takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`
+from pirl_trainer import tools  # noqa: F401
 
 from pirl_trainer.train import checkpoint, linear_probe, pirl
 from pirl_trainer.train.config import PirlConfig, load_config

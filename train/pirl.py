@@ -30,7 +30,8 @@ from pirl_trainer.pipelines.shard_index import data_files, verify_checksums
 from pirl_trainer.train import checkpoint
 from pirl_trainer.train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from pirl_trainer.train.knn_monitor import KnnMonitor
-from pirl_trainer.train.methods import CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, unused_parameters
+from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target,
+                                       unused_parameters)
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
 from pirl_trainer.train.run_log import RunLog

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pirl_trainer.model.losses import DENSE_ROWS_PER_NEGATIVE, Negatives, estimate_log_z, negative_similarities, pirl_loss
+from pirl_trainer.model.losses import (DENSE_ROWS_PER_NEGATIVE, Negatives, estimate_log_z, negative_similarities,
+                                       pirl_loss)
 from pirl_trainer.model.memory_bank import MemoryBank
 from pirl_trainer.tools.profiling import UsageError, machine
 from pirl_trainer.tools.profiling.report import table

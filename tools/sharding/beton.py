@@ -246,7 +246,8 @@ class _StoredImages:
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpg)  # as pipelines/views.py reads it
         if not raw:
             return MODE_JPG, height, width, np.frombuffer(jpg, dtype=np.uint8)
-        from pirl_trainer.pipelines.views import decode  # torchvision: imported in the writer processes only when needed
+        # torchvision: imported in the writer processes only when needed
+        from pirl_trainer.pipelines.views import decode
 
         pixels = decode(jpg).permute(1, 2, 0).numpy()  # (H, W, 3): the pixels the reference backend decodes
         return MODE_RAW, height, width, np.ascontiguousarray(pixels).reshape(-1)

@@ -11,7 +11,8 @@ from functools import partial
 from pathlib import Path
 
 from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
-from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult, check_file
+from pirl_trainer.tools.sharding.image_check import (DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult,
+                                                     check_file)
 from pirl_trainer.tools.sharding.ordered_pool import OrderedPool
 from pirl_trainer.tools.sharding.progress import Progress
 from pirl_trainer.tools.sharding.sample_format import sample_entries, sample_key
