@@ -41,6 +41,21 @@ INSTALL_HINT = "pip install nvidia-dali-cuda130 (DEPENDENCIES.md); or choose dat
 # DALI's decoder names the failing row of the batch it was handed (the corrupt samples already left out).
 DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
 
+
+def sent_size(jpg: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG the source hands DALI, None for one it leaves out as corrupt. DALI's decoder would
+    stop the pipeline on some corrupt JPEGs and silently decode others (a lost tail), so a sample that fails the
+    structure check or whose header libjpeg-turbo cannot read is left out, and its batch is one shorter
+    (EpochLoader counts it)."""
+    if jpeg_problem(jpg) is not None:
+        return None
+    try:
+        height, width, _ = jpeg_header(jpg)
+    except ValueError:
+        return None
+    return height, width
+
+
 def _import_dali():
     try:
         import nvidia.dali  # noqa: F401
@@ -108,11 +123,9 @@ class SampleSource:
         rows = []
         for i in batches[info.iteration]:
             raw = self.reader.read(int(i))
-            # DALI's decoder would stop the pipeline on some corrupt JPEGs and silently decode others (a lost
-            # tail): a corrupt sample is left out here, and the batch is one shorter (EpochLoader counts it).
-            row = self.sample(epoch, raw, position=len(rows)) if jpeg_problem(raw.jpg) is None else None
-            if row is not None:
-                rows.append(row)
+            size = sent_size(raw.jpg)
+            if size is not None:
+                rows.append(self.sample(epoch, raw, size, position=len(rows)))
         if not rows:
             step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
             raise RuntimeError(f"step {step} of epoch {epoch} on rank {self.rank}: every sample is corrupt")
@@ -120,24 +133,11 @@ class SampleSource:
 
     def sent_rows(self, indexes: np.ndarray) -> list[int]:
         """The samples of a batch that __call__ hands DALI, in order: those not left out as corrupt."""
-        kept = []
-        for i in indexes.tolist():
-            jpg = self.reader.read(int(i)).jpg
-            if jpeg_problem(jpg) is None:
-                try:
-                    jpeg_header(jpg)
-                except ValueError:
-                    continue
-                kept.append(int(i))
-        return kept
+        return [int(i) for i in indexes.tolist() if sent_size(self.reader.read(int(i)).jpg) is not None]
 
-    def sample(self, epoch: int, raw, position: int) -> dict[str, np.ndarray] | None:
-        """One sample's outputs (None where libjpeg-turbo cannot read its header); `position` is its row in the
-        batch DALI receives."""
-        try:
-            height, width, _ = jpeg_header(raw.jpg)
-        except ValueError:
-            return None
+    def sample(self, epoch: int, raw, size: tuple[int, int], position: int) -> dict[str, np.ndarray]:
+        """One sample's outputs, its JPEG (height, width) given; `position` is its row in the batch DALI receives."""
+        height, width = size
         out = {"jpg": np.frombuffer(raw.jpg, dtype=np.uint8), B.INDEX: np.array(raw.index, dtype=np.int64)}
         if raw.label is not None:
             out[B.LABEL] = np.array(raw.label, dtype=np.int64)

@@ -65,19 +65,26 @@ def initial_weights() -> dict:
     return PIRLNet("resnet18").state_dict()
 
 
-@pytest.mark.slow
-def test_sharded_bank_with_shared_negatives_trains_like_one_process(synthetic_shards, tmp_path):
-    """Each rank holds half the rows; one draw of negatives for the global batch, fetched with an all-reduce, must
-    be the same on both ranks and the single process's: the same losses, update and bank."""
+def two_steps_on_one_and_two_processes(shards, tmp_path, extra: list[str], port: int) -> tuple[Path, Path]:
+    """Two steps of one run on 1 process and on 2 (global batch 8): step 1's loss must match to rounding, step 2's
+    closely (test_two_processes.py: the runs drift apart from the first update). Returns both run folders."""
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
-    sharded = ["--loss.bank=sharded", "--loss.shared_negatives=true", "--run.ckpt_every=1", "--run.max_steps=2"]
-    pirl.main([*same_run(synthetic_shards, one, 1), *sharded])
-    launch_two([*same_run(synthetic_shards, two, 2), *sharded], port=29521)
+    pirl.main([*same_run(shards, one, 1), *extra, "--run.max_steps=2"])
+    launch_two([*same_run(shards, two, 2), *extra, "--run.max_steps=2"], port=port)
     expected, got = losses(one), losses(two)
     assert sorted(expected) == sorted(got) == [1, 2]
     assert got[1] == pytest.approx(expected[1], rel=1e-5)
     assert got[2] == pytest.approx(expected[2], rel=2e-3)
+    return one, two
+
+
+@pytest.mark.slow
+def test_sharded_bank_with_shared_negatives_trains_like_one_process(synthetic_shards, tmp_path):
+    """Each rank holds half the rows; one draw of negatives for the global batch, fetched with an all-reduce, must
+    be the same on both ranks and the single process's: the same losses, update and bank."""
+    sharded = ["--loss.bank=sharded", "--loss.shared_negatives=true", "--run.ckpt_every=1"]
+    one, two = two_steps_on_one_and_two_processes(synthetic_shards, tmp_path, sharded, port=29521)
     a, b = (checkpoint.load(checkpoint.checkpoint_path(d, 1)) for d in (one, two))
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert update_error(a["model"], b["model"], initial_weights()) < 0.03
@@ -246,12 +253,5 @@ def test_two_processes_on_dali_train_like_one(synthetic_shards, tmp_path):
     """DALI (CPU decoding) reads each rank's samples with the crops of the single process's batch: the same first
     loss, and the next one close."""
     pytest.importorskip("nvidia.dali")
-    one, two = tmp_path / "one", tmp_path / "two"
-    torch.set_num_threads(1)
-    dali = ["--data.backend=dali", "--data.dali.decode_device=cpu", "--run.max_steps=2"]
-    pirl.main([*same_run(synthetic_shards, one, 1), *dali])
-    launch_two([*same_run(synthetic_shards, two, 2), *dali], port=29525)
-    expected, got = losses(one), losses(two)
-    assert sorted(expected) == sorted(got) == [1, 2]
-    assert got[1] == pytest.approx(expected[1], rel=1e-5)
-    assert got[2] == pytest.approx(expected[2], rel=2e-3)
+    dali = ["--data.backend=dali", "--data.dali.decode_device=cpu"]
+    two_steps_on_one_and_two_processes(synthetic_shards, tmp_path, dali, port=29525)
