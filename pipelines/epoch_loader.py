@@ -3,6 +3,8 @@
 The order comes from pipelines/sampler.py and nothing else, so every backend keeps the same guarantees: each
 sample exactly once per epoch over all ranks, the same number of steps on every rank, a full shuffle, and an
 exact resume from any step (set_epoch(epoch, start_step)). Backends differ only in how they cut the views.
+With a subset (set_subset: a labelled fraction for fine-tuning, pipelines/subset.py) the same holds for the
+subset's samples: the sampler orders positions 0..K-1 of the subset, which map to their global indexes.
 
 Corrupt samples: every backend leaves out of its batch a sample whose JPEG fails pipelines/jpeg_check.py or its
 decoder. Nothing fills the hole: that batch is one sample shorter, and every rank still takes the same steps.
@@ -18,7 +20,7 @@ from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.pipelines.sampler import epoch_batches, rank_sample_count, steps_per_epoch
-from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, read_labels
 
 # Corrupt samples one rank may skip in an epoch before the loader stops (data.max_skipped_per_epoch): a few
 # bad files are normal in web-scale sets; thousands mean damaged shards, better fixed than trained around.
@@ -53,7 +55,8 @@ class EpochLoader:
     """
 
     max_skipped_per_epoch = DEFAULT_MAX_SKIPPED
-    # select() works where _iterate reads its order from batches(); DALI's source plans its epochs itself.
+    # select() and set_subset() work where _iterate reads its order from batches(); DALI's source plans its epochs
+    # itself.
     selectable = True
 
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, batch_size: int, num_workers: int, rank: int,
@@ -75,10 +78,17 @@ class EpochLoader:
         self.batch_skipped = 0
         self._reader: ShardReader | None = None  # opened for a skipped sample's reason only
         self._selection: list[np.ndarray] | None = None  # select(): a fixed plan replacing the sampler's
+        self.subset: np.ndarray | None = None  # set_subset(): the sorted global indexes an epoch covers
 
     @property
     def num_samples(self) -> int:
+        """Samples in the shards: global indexes run over 0..num_samples-1, subset or not (bank rows, labels)."""
         return self.table.num_samples
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples one epoch reads over all ranks: the subset's, else every sample."""
+        return self.num_samples if self.subset is None else len(self.subset)
 
     @property
     def classes(self) -> list[str] | None:
@@ -114,12 +124,35 @@ class EpochLoader:
         self._selection = [indexes[i : i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
         self.set_epoch(self.epoch)
 
+    def set_subset(self, indexes) -> None:
+        """From now on every epoch covers only these global sample indexes: each exactly once per epoch over all
+        ranks, shuffled per (seed, epoch) in pretrain mode, the same steps on every rank, exact resume; len() and
+        global_batch_size() count the subset. A sample keeps its global index (its label, its bank row)."""
+        if not self.selectable:
+            raise NotImplementedError(f"{type(self).__name__} plans its epochs itself and cannot read a subset: "
+                                      "use the reference or the ffcv backend")
+        if self._selection is not None:
+            raise ValueError("set_subset() on a loader that select() has fixed to a plan")
+        indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+        if len(indexes) == 0 or indexes.min() < 0 or indexes.max() >= self.num_samples:
+            raise IndexError(f"set_subset() needs a non-empty set of indexes in [0, {self.num_samples}), got "
+                             f"{len(indexes)}" + (f" in [{indexes.min()}, {indexes.max()}]" if len(indexes) else ""))
+        indexes = np.unique(indexes)
+        self._steps = steps_per_epoch(len(indexes), self.batch_size, self.world_size)
+        self.rank_samples = rank_sample_count(len(indexes), self.batch_size, self.world_size, self.rank)
+        self.subset = indexes
+        self.set_epoch(self.epoch)
+
+    def sample_labels(self, indexes) -> np.ndarray:
+        """(n,) int64 labels of these global sample indexes, read without decoding any image."""
+        return read_labels(self.table, indexes)
+
     def global_batch_size(self, step: int) -> int:
         """Samples all ranks read together at step `step` of an epoch: W*B, the rest of the epoch at the last."""
         if not 0 <= step < self._steps:
             raise ValueError(f"step must be in [0, {self._steps}), got {step}")
         window = self.world_size * self.batch_size
-        return window if step < self._steps - 1 else self.table.num_samples - (self._steps - 1) * window
+        return window if step < self._steps - 1 else self.epoch_samples - (self._steps - 1) * window
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch (its order and its augmentations) and the step to start from (exact resume)."""
@@ -138,10 +171,11 @@ class EpochLoader:
         """This rank's batches of global indexes for the current epoch, from its start step."""
         if self._selection is not None:
             return self._selection[self.start_step:]
-        return epoch_batches(
-            self.table.num_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
+        batches = epoch_batches(
+            self.epoch_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
             seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,
         )
+        return batches if self.subset is None else [self.subset[positions] for positions in batches]
 
     def __iter__(self):
         batches = self.batches()

@@ -219,6 +219,14 @@ class FfcvLoader(EpochLoader):
         labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
         return BetonTable(n, [str(i) for i in range(int(labels.max()) + 1)], True)
 
+    def sample_labels(self, indexes) -> np.ndarray:
+        """(n,) int64 labels of these global sample indexes, from the .beton's metadata table (no page is read)."""
+        if not self.labelled:
+            raise ValueError(f"{self.beton}: the samples are unlabelled")
+        reader = self._ffcv.reader
+        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+        return np.asarray(labels, dtype=np.int64)[np.asarray(indexes, dtype=np.int64)]
+
     def _set_order(self, order: np.ndarray) -> None:
         # FFCV cuts every order to the length of its first one, all N samples (no indices= at construction), so
         # a rank's epoch always fits.

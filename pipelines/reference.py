@@ -8,14 +8,19 @@ count. The photometric work happens later on the training device (pipelines/augm
 Randomness: each sample's geometry draws from a torch.Generator seeded by (seed, epoch, global index), so a
 view does not depend on the rank, the worker count or the worker that made it, and a resumed epoch sees the
 same views. The global torch RNG is never touched (the DataLoader gets its own generator for its base seed).
+
+decode_device="cpu" or "cuda" (data.decode_device): the workers only read, check and draw; the main process
+decodes each batch on that device and cuts its views there (pipelines/device_decode.py).
 """
 
 import torch
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.pipelines.epoch_loader import EpochLoader, check_loader_args
+from pirl_trainer.pipelines.device_decode import EncodedDataset, collate_encoded, decode_and_cut, decode_device_of
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
 from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, build_sample_table
@@ -82,10 +87,16 @@ def collate(samples: list[dict | None]) -> B.Batch:
 class ReferenceLoader(EpochLoader):
     """One rank's loader: DataLoader workers cut each batch of self.batches()."""
 
+    collate_fn = staticmethod(collate)
+
     def __init__(self, table: SampleTable, recipe: PirlRecipe, *, pin_memory: bool, **kwargs):
         super().__init__(table, recipe, **kwargs)
         self.pin_memory = pin_memory
-        self.dataset = ShardDataset(table, recipe, mode=self.mode, seed=self.seed, with_geometry=self.with_geometry)
+        self.dataset = self._dataset()
+
+    def _dataset(self) -> Dataset:
+        return ShardDataset(self.table, self.recipe, mode=self.mode, seed=self.seed,
+                            with_geometry=self.with_geometry)
 
     def _iterate(self, batches):
         keys = [[(self.epoch, int(i)) for i in batch] for batch in batches]
@@ -93,13 +104,33 @@ class ReferenceLoader(EpochLoader):
             self.dataset,
             batch_sampler=keys,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
             persistent_workers=False,
             # Its own generator: the DataLoader draws the workers' base seed from it, not the global RNG.
             generator=torch.Generator().manual_seed(derive_seed(PURPOSE_LOADER, self.seed, self.epoch)),
         )
         yield from loader
+
+
+class MainProcessDecodeLoader(ReferenceLoader):
+    """One rank's loader whose workers read, check and draw each sample, and whose main process decodes every
+    batch on `device` and cuts its views there (pipelines/device_decode.py)."""
+
+    collate_fn = staticmethod(collate_encoded)
+
+    def __init__(self, table: SampleTable, recipe: PirlRecipe, *, device: torch.device, **kwargs):
+        self.device = device
+        super().__init__(table, recipe, pin_memory=False, **kwargs)  # the workers hand over bytes: nothing to pin
+
+    def _dataset(self) -> Dataset:
+        return EncodedDataset(self.table, self.recipe, mode=self.mode, seed=self.seed)
+
+    def _iterate(self, batches):
+        for encoded in super()._iterate(batches):
+            with record_function("decode"):  # inside the training loop's data_wait
+                yield decode_and_cut(encoded, self.recipe, mode=self.mode, with_geometry=self.with_geometry,
+                                     device=self.device)
 
 
 def make_loader(
@@ -114,17 +145,24 @@ def make_loader(
     mode: str = "pretrain",
     with_geometry: bool = False,
     pin_memory: bool | None = None,
+    decode_device: str | torch.device = "workers",
 ) -> ReferenceLoader:
     """Reference-backend loader over the shards of tools/make_shards.py.
 
     Yields the uint8 loader batch (pipelines/batch.py); pipelines.augment.BatchAugment turns it into the model
     batch. mode="pretrain": shuffled epochs of image + patches + index (+ label); mode="eval": identity order,
     image = resize + centre crop, index + label. pin_memory=None pins when CUDA is available.
+
+    decode_device: "workers" (the DataLoader workers decode and cut), or "cpu", "cuda" or a torch.device (e.g. the
+    rank's GPU): the main process decodes each batch there and cuts its views there; `image` and `patches` then
+    live on that device, index, label and geometry on the host.
     """
     check_loader_args(recipe, mode=mode, with_geometry=with_geometry, num_workers=num_workers, seed=seed)
+    device = decode_device_of(decode_device)
     table = build_sample_table(shard_dir)
-    return ReferenceLoader(
-        table, recipe, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-        seed=seed, mode=mode, with_geometry=with_geometry,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-    )
+    args = dict(batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size, seed=seed,
+                mode=mode, with_geometry=with_geometry)
+    if device is not None:
+        return MainProcessDecodeLoader(table, recipe, device=device, **args)
+    return ReferenceLoader(table, recipe, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                           **args)

@@ -23,6 +23,7 @@ def generator_for(purpose: int, *words: int) -> torch.Generator:
 PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipelines/augment.py)
 PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
 PURPOSE_JIGSAW_LABEL = 6  # the Jigsaw baseline's permutation id, per (seed, step, global index) (model/covariant.py)
+PURPOSE_SUBSET = 7  # data.subset_fraction's per-class draw, per (subset seed, global index) (pipelines/subset.py)
 # The memory bank's counter draws (model/memory_bank.py).
 PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
 PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)

@@ -300,6 +300,37 @@ def verify_checksums(shard_dir: str | os.PathLike, progress=None) -> None:
                                   "altered since it was written; copy it again or re-make the shards")
 
 
+def read_labels(table: SampleTable, indexes: np.ndarray) -> np.ndarray:
+    """(n,) int64 labels of these global sample indexes, read as the 8 bytes of each `label` member alone (no image
+    bytes): ~1 us a sample from the page cache, one 4 KiB disk read each when cold (readahead is turned off here,
+    else each 8-byte read would pull in the image bytes around it)."""
+    if not table.labelled:
+        raise ShardIndexError(f"{table.shard_dir}: the shards are unlabelled")
+    indexes = np.asarray(indexes, dtype=np.int64).reshape(-1)
+    labels = np.empty(len(indexes), dtype=np.int64)
+    order = np.lexsort((table.start[indexes], table.shard[indexes]))  # file by file, in file order
+    in_shard = table.shard[indexes[order]]
+    for rows in np.split(order, np.flatnonzero(np.diff(in_shard)) + 1) if len(order) else []:
+        path = table.tar_paths[int(table.shard[indexes[rows[0]]])]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for row, at in zip(rows.tolist(), (table.start[indexes[rows]] + table.label_at[indexes[rows]]).tolist()):
+                data = os.pread(fd, INT64_BYTES, at)
+                if len(data) != INT64_BYTES:
+                    raise ShardIndexError(f"{path}: short read of sample {indexes[row]}'s label: truncated tar?")
+                labels[row] = int.from_bytes(data, "little", signed=True)
+        finally:
+            os.close(fd)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(table.classes)))
+    if len(bad):
+        i = int(indexes[bad[0]])
+        raise ShardIndexError(f"{table.tar_paths[int(table.shard[i])]}: sample {i:09d} has label {labels[bad[0]]}, "
+                              f"outside 0..{len(table.classes) - 1}")
+    return labels
+
+
 @dataclass
 class RawSample:
     jpg: memoryview  # the JPEG bytes (a view into the read buffer)

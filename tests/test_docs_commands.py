@@ -52,7 +52,7 @@ ANY_OVERRIDE = "--section.key=value"  # usage notation for "any config override"
 WRAPPERS = {"srun", "env", "time", "nohup", "exec", "timeout", "sudo", "uv"}  # run the command that follows
 PROGRAMS = r"python(3(\.\d+)?)?|accelerate|docker"
 # (module, subcommand) whose arguments beyond its own options are training-config overrides
-PASSTHROUGH = {("pirl_trainer.tools.profile", "step")}
+PASSTHROUGH = {("pirl_trainer.tools.profile", "step"), ("pirl_trainer.tools.profile", "probe")}
 SET_OPTIONS = {"pirl_trainer.tools.paper_table": "set"}  # `--set KEY=VALUE ...` (with the tool's --config)
 # docker run's options that take a value (the rest are flags)
 DOCKER_VALUE_OPTIONS = {

@@ -58,8 +58,10 @@ Class index (--classes SRC): label the input with another set's class index, so 
   Every error about labels or classes is raised before anything is written.
 
 Output (--output, must be new or empty): <prefix>-000000.tar, ... each with a DALI index <prefix>-000000.idx
-  (wds2idx format) and manifest.json. Each sample: <key>.jpg, <key>.idx (int64 LE global index 0..N-1 in input
-  order over kept files, key = %09d of it), and when labelled <key>.cls (ASCII) and <key>.label (int64 LE).
+  (wds2idx format), sample_names.txt (line i: sample i's path relative to --input, or its list entry; what
+  data.subset matches image names against) and manifest.json. Each sample: <key>.jpg, <key>.idx (int64 LE global
+  index 0..N-1 in input order over kept files, key = %09d of it), and when labelled <key>.cls (ASCII) and
+  <key>.label (int64 LE).
 
 Images: each is fully decoded once in a worker. RGB or greyscale JPEGs keep their bytes; anything else that
   decodes (CMYK, PNG, GIF, palette, alpha on white, 16-bit) is re-encoded as an RGB JPEG, quality {JPEG_QUALITY}.

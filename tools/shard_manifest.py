@@ -14,6 +14,10 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "num_samples", "labelled", "classes", "shards", "skipped", "options", "source")
 REQUIRED_SHARD_KEYS = ("file", "index_file", "samples", "bytes", "first_idx")
+# Optional key (folders made before it lack it): the file, beside the manifest, whose line i is sample i's source
+# name (its path relative to the input folder, or the list file's entry); data.subset matches image names in it.
+SAMPLE_NAMES_KEY = "sample_names"
+SAMPLE_NAMES_FILE = "sample_names.txt"
 
 
 def manifest_path(shard_dir: str | os.PathLike) -> Path:
@@ -55,6 +59,18 @@ def shard_files(shard_dir: str | os.PathLike, manifest: dict) -> list[tuple[Path
     """(tar path, DALI index path) of every shard, in idx order."""
     folder = manifest_path(shard_dir).parent
     return [(folder / s["file"], folder / s["index_file"]) for s in manifest["shards"]]
+
+
+def sample_names_file(shard_dir: str | os.PathLike, manifest: dict) -> Path | None:
+    """The sample-names file a manifest lists, or None for a folder made without one."""
+    name = manifest.get(SAMPLE_NAMES_KEY)
+    return None if name is None else manifest_path(shard_dir).parent / name
+
+
+def encode_sample_name(name: str) -> str:
+    """One line of the sample-names file: a newline or carriage return inside a name would shift every later
+    line off its sample, so they are written as the two characters \\n and \\r."""
+    return name.replace("\n", "\\n").replace("\r", "\\r")
 
 
 def write_manifest(shard_dir: Path, manifest: dict, skipped: Iterable[dict]) -> Path:

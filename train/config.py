@@ -37,6 +37,9 @@ class DataConfig:
     augment_kernels: str = "auto"  # batched stage: auto (numba on CPU, tensor ops elsewhere), numba, tensor, compiled
     recipe: PirlRecipe = field(default_factory=PirlRecipe)
     dali: DaliOptions = field(default_factory=DaliOptions)  # backend=dali only: decode device, queue depths
+    # backend=reference only: "workers" = the DataLoader workers decode and cut; "cpu" / "cuda" = the workers only read,
+    # the main process decodes each batch there with torchvision (nvJPEG on a GPU) and cuts it (docs/pipelines.md)
+    decode_device: str = "workers"
     # hash every shard (or the .beton) against manifest.json's sha256 before training; sizes are always checked
     verify_sha256: bool = False
     # corrupt samples (unreadable or truncated JPEGs) one process may skip per epoch before training stops with
@@ -44,6 +47,11 @@ class DataConfig:
     max_skipped_per_epoch: int = 100
     # backend=ffcv only: read the .beton through the OS page cache (shared by a node's ranks); false: FFCV's own
     ffcv_os_cache: bool = True
+    # train on a labelled subset (semi-supervised fine-tuning; pipelines/subset.py): a text file of sample indexes or
+    # of image names (ImageNet's 1 % / 10 % files, matched against the shards' sample_names.txt); empty = all samples
+    subset: str = ""
+    subset_fraction: float = 0.0  # else this share of each class's samples (at least one); 0 = all samples
+    subset_seed: int = 0  # the fraction's draw: same seed, same subset (a smaller fraction's inside a larger one's)
 
 
 @dataclass
@@ -58,6 +66,9 @@ class ModelConfig:
     # pirl / npid heads: "none" = the paper's linear heads; "bn" = centred outputs (BatchNorm1d, no affine), which
     # short schedules need against the collapse onto one direction (model/heads.py output_norm; docs/training.md)
     head_norm: str = "none"
+    # start the trunk from this train/pirl.py checkpoint (any method; trunk weights only, heads and classifier fresh):
+    # fine-tuning a pretrained trunk. Not --resume, which continues a run whole; empty = random initialisation
+    init_checkpoint: str = ""
 
 
 @dataclass
@@ -85,6 +96,9 @@ class OptimConfig:
     momentum: float = 0.9  # SGD momentum (supplement A)
     weight_decay: float = 1e-4  # (supplement A)
     warmup_epochs: float = 0.0  # linear warm-up from 0; the paper uses none
+    # epochs at which the rate drops 10x (a step schedule, as fine-tuning protocols use); empty = cosine to final_lr
+    lr_steps: list[float] = field(default_factory=list)
+    nesterov: bool = False  # Nesterov momentum (the paper's pretraining: plain SGD momentum)
 
 
 @dataclass
@@ -115,6 +129,15 @@ class KnnConfig:
 
 
 @dataclass
+class EvalConfig:
+    """method=supervised: top-1 / top-5 of the classifier on labelled test shards (train/classifier_eval.py)."""
+
+    test_shards: str = ""  # labelled shards with the training shards' classes; empty = no evaluation
+    every_epochs: int = 0  # epochs between evaluations; 0 = at the end of training only (there always)
+    batch_size: int = 64  # per process; every process scores its share of the test shards
+
+
+@dataclass
 class PirlConfig:
     # what is learned (docs/training.md, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
     # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4),
@@ -126,6 +149,7 @@ class PirlConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):

@@ -4,6 +4,13 @@
         --train_shards=shards/train --test_shards=shards/test --output=runs/pirl/probe.json
     python train/linear_probe.py --arch=resnet18 --image_size=112 ...   # no checkpoint: random-init baseline
     python train/linear_probe.py --layers=[res4,res5] ...               # a subset of the stages
+    accelerate launch train/linear_probe.py --mode=online ...           # ImageNet: train/online_probe.py
+
+Two modes (`mode`). "cached" (the default, below) keeps every training image's pooled features in memory and fits
+each stage's classifier on them: minutes on Imagenette, ~147 GB on ImageNet, where it refuses to start when the
+features would not fit in the available memory. "online" (train/online_probe.py) trains every stage's classifier
+on the fly from one frozen-trunk pass per augmented batch, Goyal et al. 2019's ImageNet protocol, on any number
+of processes; its memory does not grow with the data. Both write the same result keys.
 
 The PIRL paper's protocol (after Goyal et al. 2019; docs PIRL.md, "Evaluation"): a linear classifier on the
 frozen features of each stage res2..res5, the best layer reported. All stages come out of one forward pass
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -52,22 +60,31 @@ from pirl_trainer.pipelines.augment import BatchAugment
 from pirl_trainer.pipelines.class_index import check_same_classes
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.train import checkpoint
+from pirl_trainer.train.classifier_eval import topk_correct
 from pirl_trainer.train.config import ConfigError, config_from_cli
 
 # The paper's stage names -> torchvision's ResNet attributes, in forward order.
 STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
+MODES = ("cached", "online")
 POOLED_DIMS = 9216  # target dimension of a pooled res2..res4 feature: Goyal et al. 2019's "about 9k" (VISSL: 6*6*256)
 
 
 @dataclass
 class ProbeConfig:
+    """Fields named online_* are read by the online mode only; epochs, lr, weight_decays, validation_fraction and
+    precise_bn by the cached mode only (the online mode uses the trunk's running BatchNorm statistics: bn =
+    "running"); the others by both."""
+
+    # "cached": every training feature in memory, one classifier fitted per stage on them; "online": classifiers
+    # trained on the fly over augmented batches (train/online_probe.py), for sets whose features do not fit
+    mode: str = "cached"
     train_shards: str = ""  # labelled shards the classifier is fitted on (required)
     test_shards: str = ""  # labelled shards top-1 is measured on (required)
     checkpoint: str = ""  # a train/pirl.py checkpoint; empty = a randomly initialised trunk (the baseline)
     arch: str = ""  # trunk architecture; empty = the checkpoint's (resnet50 without a checkpoint)
     image_size: int = 0  # centre-crop size; 0 = the checkpoint's recipe.image_size (224 without one)
     backend: str = "reference"  # a key of pipelines.BACKENDS
-    batch_size: int = 64  # feature-extraction batch
+    batch_size: int = 64  # feature-extraction batch; online: the training batch per process
     num_workers: int = 2  # loader workers (reference: DataLoader workers; dali: threads)
     epochs: int = 100  # passes of the classifier over the cached features
     lr: float = 1e-3  # Adam on standardised features
@@ -78,7 +95,25 @@ class ProbeConfig:
     precise_bn: bool = True  # re-estimate BatchNorm statistics on the probe's training images first ("precise");
     # false = the trunk's own running statistics ("running")
     layers: list[str] = field(default_factory=lambda: list(STAGES))  # stages probed, a subset of res2..res5
-    output: str = ""  # JSON result path; empty = print only
+    output: str = ""  # JSON result path; empty = print only (online: online_out_dir/probe.json)
+    # Goyal et al. 2019's ImageNet linear classifiers, which PIRL's evaluation follows: 28 epochs of SGD,
+    # batch 256, rate 0.01 divided by 10 after epochs 8, 16 and 24, momentum 0.9, weight decay 5e-4
+    online_epochs: int = 28
+    online_lr: float = 0.01  # at online_reference_batch, scaled linearly with the global batch (Goyal et al. 2019)
+    online_reference_batch: int = 256  # the global batch online_lr is quoted for (Goyal et al. 2019)
+    # epochs of the 28-epoch schedule after which the rate is multiplied by online_lr_decay (Goyal et al. 2019);
+    # another online_epochs scales them (m x online_epochs / 28, rounded to a step)
+    online_lr_milestones: list[int] = field(default_factory=lambda: [8, 16, 24])
+    online_lr_decay: float = 0.1  # (Goyal et al. 2019)
+    online_momentum: float = 0.9  # SGD momentum (Goyal et al. 2019)
+    online_weight_decay: float = 5e-4  # L2 on the classifiers, biases included (Goyal et al. 2019)
+    online_eval_every: int = 1  # epochs between scorings of the test shards; the run's last step is always scored
+    online_out_dir: str = "runs/online_probe"  # checkpoints, config.yaml, log.jsonl, TensorBoard events, probe.json
+    online_log_every: int = 10  # steps between host syncs for the progress bar and the logs
+    online_ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    online_max_steps: int = -1  # stop after this many global steps (a budget for smoke runs); -1 = the schedule
+    online_tensorboard: bool = True  # TensorBoard events in online_out_dir/tensorboard/ (log.jsonl either way)
+    online_cpu: bool = False  # force the CPU even where a GPU is present
 
 
 def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
@@ -130,6 +165,13 @@ def stage_features(trunk: torch.nn.Module, image: torch.Tensor, layers: Sequence
             if len(out) == len(layers):
                 break
     return out
+
+
+@torch.no_grad()
+def stage_dims(trunk: torch.nn.Module, layers: Sequence[str], image_size: int) -> dict[str, int]:
+    """{stage: pooled dimension} of an eval-mode trunk, from one pass of a blank image (no statistic changes)."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=next(trunk.parameters()).device)
+    return {name: f.shape[1] for name, f in stage_features(trunk, blank, layers).items()}
 
 
 def eval_images(loader, recipe: PirlRecipe, device: torch.device | None = None, keep: torch.Tensor | None = None):
@@ -200,11 +242,12 @@ def extract_features(
     return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
 
 
-def eval_loader(shards: str, recipe: PirlRecipe, cfg: ProbeConfig):
-    """An eval-mode loader of labelled shards (else a ValueError naming them)."""
-    loader = pipelines.make_loader(
-        cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers, mode="eval"
-    )
+def eval_loader(shards: str, recipe: PirlRecipe, cfg: ProbeConfig, *, mode: str = "eval", rank: int = 0,
+                world_size: int = 1):
+    """A loader of labelled shards (else a ValueError naming them): eval mode, or this rank's share of
+    shuffled pretraining-mode epochs (mode="pretrain", the online probe's training images)."""
+    loader = pipelines.make_loader(cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                   rank=rank, world_size=world_size, seed=cfg.seed, mode=mode)
     if not loader.labelled:
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
     return loader
@@ -254,8 +297,14 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays
 
 
 def top1(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return topk(weight, bias, x, y)[0]
+
+
+def topk(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(top-1, top-5) in percent of a linear classifier on features x with labels y."""
     with torch.no_grad():
-        return 100.0 * ((x @ weight + bias).argmax(1) == y).float().mean().item()
+        top1_hits, top5_hits = topk_correct(x @ weight + bias, y).tolist()
+    return 100.0 * top1_hits / len(y), 100.0 * top5_hits / len(y)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
@@ -294,54 +343,130 @@ def probe(cfg: ProbeConfig) -> dict:
     train_loader, test_loader = eval_loader(cfg.train_shards, recipe, cfg), eval_loader(cfg.test_shards, recipe, cfg)
     # before any feature: a test label must name the class the classifier learnt under that number
     check_same_classes("linear probe", cfg.train_shards, train_loader.classes, cfg.test_shards, test_loader.classes)
+    check_features_fit(train_loader.num_samples, test_loader.num_samples, stage_dims(trunk, layers, recipe.image_size))
     x_train, y_train, num_classes = extract(trunk, train_loader, recipe, cfg, "train", layers)
     x_test, y_test, _ = extract(trunk, test_loader, recipe, cfg, "test", layers)
     num_classes = max(num_classes, int(y_train.max()) + 1, int(y_test.max()) + 1)
-    per_layer, per_layer_train, decay, validation = {}, {}, {}, {}
+    per_layer, per_layer_top5, per_layer_train, decay, validation = {}, {}, {}, {}, {}
     for name in layers:
         train, test = x_train[name], x_test[name]
         mean, std = train.mean(0), train.std(0).clamp_min(1e-6)  # random trunks give features of any scale
         train, test = (train - mean) / std, (test - mean) / std
         weight, bias, decay[name], validation[name] = fit_probe(train, y_train, num_classes, cfg)
-        per_layer[name], per_layer_train[name] = top1(weight, bias, test, y_test), top1(weight, bias, train, y_train)
-    best = max(layers, key=per_layer.__getitem__)  # the first stage among equals
+        per_layer[name], per_layer_top5[name] = topk(weight, bias, test, y_test)
+        per_layer_train[name] = top1(weight, bias, train, y_train)
     dims = {name: x_train[name].shape[1] for name in layers}
-    result = {
-        "top1": per_layer[best],  # the paper reports the best layer
-        "train_top1": per_layer_train[best],
-        "best_layer": best,
-        "per_layer": per_layer,
-        "per_layer_train": per_layer_train,
-        "weight_decay": decay,
-        "per_layer_validation": validation,
-        "bn": "precise" if cfg.precise_bn else "running",
-        "trunk": cfg.checkpoint or "random-init",
-        "arch": arch,
-        "image_size": recipe.image_size,
-        "num_train": len(y_train),
-        "num_test": len(y_test),
-        "num_classes": num_classes,
-        "feature_dim": dims[best],
-        "feature_dims": dims,
-        "settings": probe_settings(cfg),
-    }
-    print(f"linear probe ({result['trunk']}, {arch} @ {recipe.image_size}px, {result['bn']} BN): "
-          f"best {best} top-1 {result['top1']:.2f}% on {len(y_test)} test images")
-    print(f"  {'layer':<6}{'dims':>7}{'top-1':>9}{'train':>9}{'held-out':>10}{'wd':>8}")
-    for name in layers:
-        mark = "  <- best" if name == best else ""
-        held = "-" if validation[name] is None else f"{validation[name]:.2f}%"
-        print(f"  {name:<6}{dims[name]:>7}{per_layer[name]:>8.2f}%{per_layer_train[name]:>8.2f}%{held:>10}"
-              f"{decay[name]:>8.0e}{mark}")
-    if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
+    result = probe_result(cfg, "cached", arch, recipe.image_size, per_layer, per_layer_top5, per_layer_train, decay,
+                          validation, bn="precise" if cfg.precise_bn else "running", num_train=len(y_train),
+                          num_test=len(y_test), num_classes=num_classes, dims=dims, settings=probe_settings(cfg))
+    report(result, cfg.output)
     return result
 
 
+def probe_result(cfg: ProbeConfig, mode: str, arch: str, image_size: int, per_layer: dict, per_layer_top5: dict,
+                 per_layer_train: dict, weight_decay: dict, validation: dict, *, bn: str, num_train: int,
+                 num_test: int, num_classes: int, dims: dict, settings: dict) -> dict:
+    """A probe's result, the same keys whatever the mode (tools/paper_table.py and tools/demo.py read either).
+    Per-layer dicts map stage -> value: test top-1 / top-5 and training top-1 in percent, the classifier's weight
+    decay and its held-out top-1 (None where it was not chosen on held-out data)."""
+    best = max(per_layer, key=per_layer.__getitem__)  # the first stage among equals
+    return {
+        "top1": per_layer[best],  # the paper reports the best layer
+        "top5": per_layer_top5[best],
+        "train_top1": per_layer_train[best],
+        "best_layer": best,
+        "per_layer": per_layer,
+        "per_layer_top5": per_layer_top5,
+        "per_layer_train": per_layer_train,
+        "weight_decay": weight_decay,
+        "per_layer_validation": validation,
+        "bn": bn,
+        "mode": mode,
+        "trunk": cfg.checkpoint or "random-init",
+        "arch": arch,
+        "image_size": image_size,
+        "num_train": num_train,
+        "num_test": num_test,
+        "num_classes": num_classes,
+        "feature_dim": dims[best],
+        "feature_dims": dims,
+        "settings": settings,
+    }
+
+
+def report(result: dict, output: str | os.PathLike) -> None:
+    """Print a probe's result as a table and write it as JSON to `output` (nothing written when empty)."""
+    best, dims = result["best_layer"], result["feature_dims"]
+    print(f"linear probe, {result['mode']} ({result['trunk']}, {result['arch']} @ {result['image_size']}px, "
+          f"{result['bn']} BN): best {best} top-1 {result['top1']:.2f}% on {result['num_test']} test images")
+    print(f"  {'layer':<6}{'dims':>7}{'top-1':>9}{'top-5':>9}{'train':>9}{'held-out':>10}{'wd':>8}")
+    for name in result["per_layer"]:
+        mark = "  <- best" if name == best else ""
+        keys = ("per_layer", "per_layer_top5", "per_layer_train", "per_layer_validation")
+        *tests, train, held = ("-" if result[k][name] is None else f"{result[k][name]:.2f}%" for k in keys)
+        print(f"  {name:<6}{dims[name]:>7}{tests[0]:>9}{tests[1]:>9}{train:>9}{held:>10}"
+              f"{result['weight_decay'][name]:>8.0e}{mark}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+class FeaturesTooLarge(MemoryError):
+    """The cached probe's features would not fit in the available memory; the message suggests the online mode."""
+
+
+def available_memory() -> tuple[int, str] | None:
+    """(bytes a new allocation can take, where that figure comes from), None where unknown: psutil's estimate
+    where installed, else /proc/meminfo's MemAvailable; a container's cgroup limit (v2 memory.max, less its
+    memory.current) lowers either."""
+    found = None
+    try:
+        import psutil  # an optional dependency: the /proc figure below is the same on Linux
+
+        found = int(psutil.virtual_memory().available), "psutil available memory"
+    except ImportError:
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                kib = next((int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")), None)
+            found = None if kib is None else (kib * 1024, "MemAvailable of /proc/meminfo")
+        except (OSError, ValueError):
+            pass
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = int((cgroup / "memory.max").read_text())  # "max" (no limit) fails int(): skipped
+        left = limit - int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return found
+    return (left, "the cgroup's memory.max less memory.current") if found is None or left < found[0] else found
+
+
+def check_features_fit(num_train: int, num_test: int, dims: dict[str, int]) -> None:
+    """FeaturesTooLarge, before any feature is extracted, when the float32 features of every training and test
+    image would need more than the available memory."""
+    need = (num_train + num_test) * sum(dims.values()) * 4
+    available = available_memory()
+    if available is not None and need > available[0]:
+        raise FeaturesTooLarge(
+            f"linear probe: the cached features of {num_train} training + {num_test} test images x "
+            f"{sum(dims.values())} dimensions ({', '.join(dims)}) take {need:,} bytes ({need / 1e9:.3g} GB) as "
+            f"float32, more than the {available[0]:,} bytes ({available[0] / 1e9:.3g} GB) of memory available "
+            f"({available[1]}): use --mode=online, whose memory does not grow with the data (docs/evaluation.md), "
+            "or probe fewer --layers")
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    _, cfg = config_from_cli(ProbeConfig, argv, description=__doc__.splitlines()[0], resumable=False)
-    return None if cfg is None else probe(cfg)
+    args, cfg = config_from_cli(ProbeConfig, argv, description=__doc__.splitlines()[0])
+    if cfg is None:
+        return None
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.mode == "online":
+        from pirl_trainer.train.online_probe import online_probe  # imported here: it builds on this module
+
+        return online_probe(cfg, resume=args.resume)
+    if args.resume is not None:
+        raise ConfigError("--resume continues an online probe (--mode=online); the cached probe has no checkpoints")
+    return probe(cfg)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,14 @@ methods differs in the objective only (paper section 3's baselines):
 - rotation: by how many quarter turns It was rotated (Gidaris et al. 2018);
 - supervised: the image view's class label (labelled shards): the paper's supervised row, the ceiling a
   pretraining method is measured against on the same budget. With the kNN monitor on, knn.test_shards must have
-  the training shards' classes (pipelines/class_index.py), as the probe's test shards must.
+  the training shards' classes (pipelines/class_index.py), as the probe's test shards must. With
+  model.init_checkpoint (a pretrained trunk, init_trunk) and data.subset / data.subset_fraction (a labelled
+  subset) it is the paper's semi-supervised fine-tuning (Table 3; train/configs/finetune.yaml), scored on
+  eval.test_shards (train/classifier_eval.py).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,6 +26,7 @@ from pirl_trainer.model.heads import HEAD_NORMS
 from pirl_trainer.model.pirl import PIRLNet
 from pirl_trainer.pipelines.augment import draw_params
 from pirl_trainer.pipelines.class_index import check_same_classes, manifest_classes
+from pirl_trainer.train import checkpoint
 from pirl_trainer.train.config import ConfigError, PirlConfig
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised")
@@ -51,6 +57,13 @@ def check_method(cfg: PirlConfig) -> None:
         raise ConfigError(f"model.head_norm must be one of {HEAD_NORMS}, got {cfg.model.head_norm!r}")
     if cfg.method == "jigsaw" and cfg.model.num_permutations < 2:
         raise ConfigError(f"model.num_permutations must be >= 2, got {cfg.model.num_permutations}")
+    if cfg.method in CONTRASTIVE and (cfg.data.subset or cfg.data.subset_fraction):
+        # the bank holds a row for every sample and draws negatives from all of them, rows no step would update
+        raise ConfigError(f"data.subset / data.subset_fraction select what a classification method trains on; "
+                          f"method={cfg.method}'s memory bank needs every sample")
+    if cfg.eval.test_shards and cfg.method != "supervised":
+        raise ConfigError(f"eval.test_shards scores method=supervised's classifier; method={cfg.method} has none "
+                          "(its trunk: knn.* while training, train/linear_probe.py after)")
 
 
 def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
@@ -69,6 +82,35 @@ def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
                            cfg.knn.test_shards, manifest_classes(cfg.knn.test_shards))
     return CovariantNet(cfg.method, cfg.model.arch, num_permutations=cfg.model.num_permutations, num_patches=tiles,
                         num_classes=len(classes) if cfg.method == "supervised" else None)
+
+
+TRUNK_PREFIX = "trunk."  # PIRLNet.trunk and CovariantNet.trunk: every method's checkpoint names it alike
+
+
+def init_trunk(net: nn.Module, path: str | Path, arch: str) -> None:
+    """Load the trunk of a train/pirl.py checkpoint of any method (weights_only) into net.trunk, exactly; the
+    heads and the classifier keep their fresh initialisation. Errors name the file: missing, without trunk
+    weights, or of another arch than `arch` (model.arch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_checkpoint: {path}: no such checkpoint file")
+    state = checkpoint.load(path)
+    model = state.get("model") if isinstance(state, dict) else None
+    weights = ({k[len(TRUNK_PREFIX):]: v for k, v in model.items() if k.startswith(TRUNK_PREFIX)}
+               if isinstance(model, dict) else {})
+    if not weights:
+        raise ValueError(f"model.init_checkpoint: {path} holds no trunk weights (no '{TRUNK_PREFIX}*' keys in a "
+                         "'model' state_dict): not a checkpoint of train/pirl.py?")
+    config = state.get("config")
+    trained = config.get("model", {}).get("arch") if isinstance(config, dict) else None
+    if trained is not None and trained != arch:
+        raise ValueError(f"model.init_checkpoint: {path} holds a {trained} trunk, this run's model.arch is {arch}: "
+                         f"set --model.arch={trained}")
+    try:
+        net.trunk.load_state_dict(weights)
+    except RuntimeError as err:  # a checkpoint without its config: the keys or shapes tell
+        raise ValueError(f"model.init_checkpoint: {path}'s trunk does not fit model.arch={arch}: "
+                         f"{str(err).splitlines()[0]}") from None
 
 
 def unused_parameters(cfg: PirlConfig) -> bool:

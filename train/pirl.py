@@ -25,17 +25,20 @@ from pirl_trainer.model.memory_bank import MemoryBank, check_num_negatives
 from pirl_trainer.model.sharded_bank import ShardedMemoryBank
 from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
 from pirl_trainer.pipelines.augment import KERNEL_CHOICES, BatchAugment
+from pirl_trainer.pipelines.device_decode import DECODE_DEVICES
 from pirl_trainer.pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from pirl_trainer.pipelines.shard_index import data_files, verify_checksums
+from pirl_trainer.pipelines.subset import SubsetError, resolve_subset
 from pirl_trainer.train import checkpoint
+from pirl_trainer.train.classifier_eval import ClassifierEval, due
 from pirl_trainer.train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from pirl_trainer.train.knn_monitor import KnnMonitor
-from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target,
+from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, init_trunk,
                                        unused_parameters)
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
 from pirl_trainer.train.run_log import RunLog
-from pirl_trainer.train.schedule import lr_factor, scaled_lr
+from pirl_trainer.train.schedule import lr_factor, scaled_lr, step_lr_factor
 
 
 BANK_KINDS = ("replicated", "sharded")
@@ -51,13 +54,26 @@ def build_bank(cfg: PirlConfig, num_rows: int, device: torch.device):
     return MemoryBank(num_rows, cfg.model.embed_dim, dtype=dtype).to(device)
 
 
-def backend_options(cfg: PirlConfig) -> dict:
-    """Keyword arguments only the configured backend takes."""
+def backend_options(cfg: PirlConfig, device: torch.device | None = None) -> dict:
+    """Keyword arguments only the configured backend takes. `device`: the training device, where
+    data.decode_device=cuda decodes (each rank on its own GPU)."""
+    decode = cfg.data.decode_device
+    if decode not in DECODE_DEVICES:
+        raise ConfigError(f"data.decode_device must be one of {DECODE_DEVICES}, got {decode!r}")
+    if cfg.data.backend == "reference":
+        if decode == "cuda" and device is not None and device.type != "cuda":
+            raise ConfigError(f"data.decode_device=cuda decodes on the training GPU, but this run trains on {device} "
+                              "(run.cpu=true, or no CUDA device): set data.decode_device=cpu or workers")
+        return {"decode_device": device if decode == "cuda" and device is not None else decode}
+    if decode != "workers":
+        raise ConfigError(f"data.decode_device={decode} applies to data.backend=reference only; data.backend="
+                          f"{cfg.data.backend} decodes its own way (DALI's device: data.dali.decode_device)")
     return {"dali": {"options": cfg.data.dali}, "ffcv": {"os_cache": cfg.data.ffcv_os_cache}}.get(cfg.data.backend, {})
 
 
 def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrain"):
-    """This rank's loader. Never passed to accelerator.prepare(): every backend already shards by rank."""
+    """This rank's loader over the training data (data.subset / data.subset_fraction applied: its epochs cover the
+    subset alone). Never passed to accelerator.prepare(): every backend already shards by rank."""
     loader = pipelines.make_loader(
         cfg.data.backend,
         cfg.data.shards,
@@ -68,9 +84,18 @@ def build_loader(cfg: PirlConfig, accelerator: Accelerator, mode: str = "pretrai
         world_size=accelerator.num_processes,
         seed=cfg.run.seed,
         mode=mode,
-        **backend_options(cfg),
+        **backend_options(cfg, accelerator.device if cfg.data.decode_device == "cuda" else None),
     )
     loader.max_skipped_per_epoch = cfg.data.max_skipped_per_epoch
+    try:
+        subset, summary = resolve_subset(loader, cfg.data.shards, path=cfg.data.subset,
+                                         fraction=cfg.data.subset_fraction, seed=cfg.data.subset_seed)
+        if subset is not None:
+            loader.set_subset(subset)
+    except (SubsetError, NotImplementedError) as err:
+        raise ConfigError(f"data.subset / data.subset_fraction: {err}") from None
+    if subset is not None and mode == "pretrain":
+        accelerator.print(f"training subset: {summary}")
     return loader
 
 
@@ -194,6 +219,39 @@ def init_bank_from_features(net, bank: MemoryBank, cfg: PirlConfig, accelerator:
         bank.update(rows, feats, momentum=0.0)
 
 
+def next_batch(batches) -> tuple[dict | None, float]:
+    """The loader's next batch (None at the end of the epoch) and the seconds the loop waited for it, timed as the
+    profiler's data_wait phase."""
+    wait_start = time.perf_counter()
+    with record_function("data_wait"):
+        batch = next(batches, None)
+    return batch, time.perf_counter() - wait_start
+
+
+def load_resume_state(resume: str, out_dir: Path) -> tuple[Path, dict]:
+    """--resume's checkpoint (a path, or "latest": the newest in out_dir) and its loaded state."""
+    path = checkpoint.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / checkpoint.CHECKPOINT_DIR}")
+    return path, checkpoint.load(path)
+
+
+def check_resume_data(accelerator: Accelerator, path: Path, state: dict, shards: str, num_samples: int,
+                      batch_size: int, batch_key: str = "data.batch_size") -> None:
+    """A checkpoint of a run on another number of samples is refused; one of another global batch continues,
+    with a warning (steps then count in the new batches). batch_size: this run's per process, set by `batch_key`."""
+    if state["num_samples"] != num_samples:
+        raise ValueError(f"{path} was trained on {state['num_samples']} samples, {shards} holds {num_samples}")
+    saved_batch = state.get("global_batch", state["world_size"] * batch_size)
+    global_batch = batch_size * accelerator.num_processes
+    if saved_batch != global_batch:
+        accelerator.print(
+            f"warning: {path} was trained with a global batch of {saved_batch} ({state['world_size']} "
+            f"processes), this run has {global_batch}: steps, epochs and the learning-rate schedule now count "
+            f"in batches of {global_batch}; keep world_size x {batch_key} to continue the same run"
+        )
+
+
 def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     """Runs the configured schedule (or up to run.max_steps); returns the final step's logged record.
 
@@ -222,6 +280,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                           f"test_shards={cfg.knn.test_shards!r})")
     if cfg.loss.bank_init not in ("random", "features"):
         raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
+    if any(epoch <= 0 for epoch in cfg.optim.lr_steps):
+        raise ConfigError(f"optim.lr_steps must be epochs > 0, got {list(cfg.optim.lr_steps)}")
     ddp = DistributedDataParallelKwargs(find_unused_parameters=unused_parameters(cfg))
     accelerator = Accelerator(cpu=cfg.run.cpu, kwargs_handlers=[ddp])
     device = accelerator.device
@@ -238,6 +298,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     augment = build_augment(cfg)
     contrastive = cfg.method in CONTRASTIVE
     net = build_net(cfg, loader.classes if loader.labelled else None)
+    if cfg.model.init_checkpoint and resume is None:  # a resumed run restores its own trunk
+        init_trunk(net, cfg.model.init_checkpoint, cfg.model.arch)
+        accelerator.print(f"trunk initialised from {cfg.model.init_checkpoint}")
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         net = convert_sync_batchnorm(net, device)
     if cfg.run.channels_last:
@@ -251,35 +314,28 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                               f"({loader.num_samples} samples): {err}") from None
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
     optimizer = torch.optim.SGD(
-        net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
     )
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     final_ratio = cfg.optim.final_lr / cfg.optim.lr
+    drops = [round(epoch * steps_per_epoch) for epoch in cfg.optim.lr_steps]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, final_ratio)
+        optimizer, lambda s: step_lr_factor(s, warmup_steps, drops) if drops else
+        lr_factor(s, total_steps, warmup_steps, final_ratio)
     )
     log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
 
     global_step = 0
     if resume is not None:
-        path = checkpoint.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / checkpoint.CHECKPOINT_DIR}")
-        state = checkpoint.load(path)
-        if state["num_samples"] != loader.num_samples:
-            raise ValueError(
-                f"{path} was trained on {state['num_samples']} samples, {cfg.data.shards} holds {loader.num_samples}"
-            )
-        saved_batch = state.get("global_batch", state["world_size"] * cfg.data.batch_size)
-        if saved_batch != global_batch:
-            accelerator.print(
-                f"warning: {path} was trained with a global batch of {saved_batch} ({state['world_size']} "
-                f"processes), this run has {global_batch}: steps, epochs and the learning-rate schedule now count "
-                f"in batches of {global_batch}; keep world_size x data.batch_size to continue the same run"
-            )
+        path, state = load_resume_state(resume, out_dir)
+        check_resume_data(accelerator, path, state, cfg.data.shards, loader.num_samples, cfg.data.batch_size)
         trained = state["config"].get("method", "pirl")
         if trained != cfg.method:
             raise ValueError(f"{path} was trained with method={trained}, this run has method={cfg.method}")
+        if state.get("epoch_samples", state["num_samples"]) != loader.epoch_samples:
+            raise ValueError(f"{path} was trained on epochs of {state.get('epoch_samples', state['num_samples'])} "
+                             f"samples, this run's data.subset / data.subset_fraction give {loader.epoch_samples}")
         net.load_state_dict(state["model"])
         if bank is not None:
             bank.load_state_dict(state["bank"])
@@ -317,6 +373,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 "world_size": accelerator.num_processes,
                 "global_batch": global_batch,
                 "num_samples": loader.num_samples,
+                "epoch_samples": loader.epoch_samples,  # the subset's size, where data.subset* set one
                 "rng": checkpoint.rng_state(),
                 "config": to_dict(cfg),
             }
@@ -332,6 +389,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     knn = build_knn_monitor(cfg) if cfg.knn.every > 0 and accelerator.is_main_process else None
     postfix: dict = {}
     knn_shown: dict = {}  # the last kNN top-1, kept in the progress line until the next evaluation
+    evaluator = (ClassifierEval(cfg, accelerator, loader, backend_options(cfg, accelerator.device))
+                 if cfg.eval.test_shards else None)
+    eval_shown: dict = {}  # likewise the classifier's last top-1 / top-5 on eval.test_shards
     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
     record: dict = {}
     net.train()
@@ -345,12 +405,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
             loader.set_epoch(epoch, start_step=step_in_epoch)
             batches = iter(loader)
             while global_step < last_step:
-                wait_start = time.perf_counter()
-                with record_function("data_wait"):
-                    batch = next(batches, None)
+                batch, waited = next_batch(batches)
                 if batch is None:
                     break
-                data_wait += time.perf_counter() - wait_start
+                data_wait += waited
                 with record_function("to_device"):
                     batch = to_device(batch, device)
                     index = batch["index"].to(device, non_blocking=True)
@@ -403,7 +461,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     if run_log is not None:
                         run_log.write(record)
                     postfix = dict(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped, **knn_shown)
+                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped, **knn_shown,
+                                   **eval_shown)
                     progress.set_postfix(postfix)
                     window = {k: 0.0 for k in window}
                     window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
@@ -417,6 +476,15 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                         progress.set_postfix({**postfix, **knn_shown})
                     accelerator.wait_for_everyone()
                     window_start += time.perf_counter() - knn_start  # not counted as training time
+                if evaluator is not None and due(global_step, steps_per_epoch, cfg.eval.every_epochs, last_step):
+                    eval_start = time.perf_counter()
+                    with record_function("eval"):  # every rank scores its share of the test shards
+                        result = evaluator.evaluate(accelerator.unwrap_model(net), global_step, epoch)
+                    if run_log is not None:
+                        run_log.write({"step": global_step, "epoch": epoch, **result})
+                    eval_shown = {"top1": f"{result['eval_top1']:.1f}%", "top5": f"{result['eval_top5']:.1f}%"}
+                    progress.set_postfix({**postfix, **knn_shown, **eval_shown})
+                    window_start += time.perf_counter() - eval_start  # not counted as training time
                 progress.update(1)
                 if profiler is not None:
                     profiler.step()

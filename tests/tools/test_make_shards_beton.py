@@ -57,7 +57,7 @@ def from_folder(tree, tmp_path_factory):
 
 def test_folder_input_gives_the_webdataset_checks_idx_labels_and_manifest(from_folder, shards):
     (out, manifest), (wds, wds_manifest) = from_folder, shards
-    assert sorted(os.listdir(out)) == [BETON_NAME, "manifest.json"]  # the temporary shards are gone
+    assert sorted(os.listdir(out)) == [BETON_NAME, "manifest.json", "sample_names.txt"]  # the temporary shards are gone
     assert manifest["format"] == "beton" and manifest["shards"] == []
     same = ("num_samples", "labelled", "classes", "num_skipped", "skipped_by_reason", "reencoded", "source")
     assert {k: manifest[k] for k in same} == {k: wds_manifest[k] for k in same}

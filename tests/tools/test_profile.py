@@ -86,6 +86,20 @@ def test_loaders_reports_every_backend_and_worker_count_against_the_decode_limit
     assert "ratio_to_decode" in table and "decode limit" in table
 
 
+def test_loaders_times_the_reference_backend_per_decode_device(shards, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["loaders", "--shards", str(shards), "--recipe-overrides", ",".join(SMALL), "--backends", "reference",
+                 "--workers", "0", "--decode-devices", "workers,cpu", "--batches", "2", "--batch-size", "4",
+                 "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["results"]
+    assert [(r["backend"], r["decode_device"], r["workers"], r["samples"]) for r in runs] == [
+        ("reference", "workers", 0, 8), ("reference", "cpu", 0, 8)]
+    table = capsys.readouterr().out
+    assert "decode_device" in table and [line.split()[:3] for line in table.splitlines()
+                                         if line.startswith("reference")] == [["reference", "workers", "0"],
+                                                                              ["reference", "cpu", "0"]]
+
+
 def test_loader_rate_reads_further_epochs_when_one_is_too_short(shards):
     recipe = PirlRecipe(image_size=32, jigsaw_size=48, patch_size=16)
     # 20 samples in batches of 4: 5 per epoch, 4 timed after the start-up batch, so 7 need a second epoch.
@@ -164,6 +178,7 @@ def test_the_loop_and_the_batched_stage_compute_the_same_views():
     (["--workers", "1,x"], "'x'"),
     (["--recipe-overrides", "image_size=32,no_such_field=1"], "no_such_field"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--decode-devices", "workers,gpu"], "'gpu'"),
 ])
 def test_bad_loader_options_exit_2_naming_the_value(shards, capsys, argv, named):
     assert main(["loaders", "--shards", str(shards), *argv]) == 2

@@ -34,9 +34,9 @@ def test_folder_reports_empty_class_stray_files_and_keeps_class_indexes(tmp_path
     assert source.classes == ["a", "b_empty", "c"]
     assert list(source) == [
         Entry(str(tmp_path / "README.txt"), skip_reason="not in a class folder"),
-        Entry(str(tmp_path / "a" / "1.jpg"), 0),
+        Entry(str(tmp_path / "a" / "1.jpg"), 0, name="a/1.jpg"),
         Entry(str(tmp_path / "b_empty"), skip_reason="empty class folder"),
-        Entry(str(tmp_path / "c" / "1.jpg"), 2),
+        Entry(str(tmp_path / "c" / "1.jpg"), 2, name="c/1.jpg"),
     ]
 
 
@@ -56,7 +56,7 @@ def test_unreadable_class_folder_is_reported(tmp_path, monkeypatch):
     entries = list(FolderSource(tmp_path))
     assert entries == [
         Entry(str(locked), skip_reason="unreadable: folder: PermissionError: Permission denied"),
-        Entry(str(tmp_path / "b" / "2.jpg"), 1),
+        Entry(str(tmp_path / "b" / "2.jpg"), 1, name="b/2.jpg"),
     ]
 
 
@@ -68,9 +68,9 @@ def test_list_resolves_relative_paths_against_the_list_folder(tmp_path):
     source = open_source(listing)
     assert isinstance(source, ListSource) and source.labelled and source.classes is None
     assert list(source) == [
-        Entry(str(lists / "img" / "a.jpg"), 3),
-        Entry("/abs/b.jpg", 0),
-        Entry(str(lists / "c.jpg"), 12),
+        Entry(str(lists / "img" / "a.jpg"), 3, name="img/a.jpg"),
+        Entry("/abs/b.jpg", 0, name="/abs/b.jpg"),
+        Entry(str(lists / "c.jpg"), 12, name="c.jpg"),
     ]
 
 
@@ -79,7 +79,8 @@ def test_unlabelled_list(tmp_path):
     listing.write_text("a.jpg\nb c.jpg\n")
     source = ListSource(listing)
     assert not source.labelled
-    assert list(source) == [Entry(str(tmp_path / "a.jpg")), Entry(str(tmp_path / "b c.jpg"))]
+    assert list(source) == [Entry(str(tmp_path / "a.jpg"), name="a.jpg"),
+                            Entry(str(tmp_path / "b c.jpg"), name="b c.jpg")]
 
 
 def test_bad_list_lines_are_skipped_with_their_line_number(tmp_path):
@@ -152,7 +153,7 @@ def test_labelled_folder_matches_names_and_stems_and_refuses_ambiguity(tmp_path)
     labels.write_text("a\tdog\nb.JPEG\tcat\nc.png\tdog\nc.JPEG\tcat\n")
     source = open_source(tmp_path / "val", labels=labels)
     assert source.classes == ["cat", "dog"]
-    assert list(source) == [Entry(str(tmp_path / "val" / n), label) for n, label in
+    assert list(source) == [Entry(str(tmp_path / "val" / n), label, name=n) for n, label in
                             [("a.JPEG", 1), ("b.JPEG", 0), ("c.JPEG", 0), ("c.png", 1)]]
     labels.write_text("a\tdog\nb\tcat\nc\tdog\n")
     with pytest.raises(SourceError, match=f"{labels}:3: 'c' matches 2 files in .*: 'c.JPEG' and 'c.png'"):

@@ -152,14 +152,15 @@ def deviation_vs_fp32(bank: MemoryBank, bank32: MemoryBank, index, queries, nega
 
 
 def profile_bank(rows: int, dim: int, batch: int, negatives: int, dtype: str, threads: list[int],
-                 repeats: int) -> dict:
+                 repeats: int, device: torch.device | None = None) -> dict:
+    """The variants' best step times on a bank of `rows` x `dim` (on `device`, default the GPU where there is one)."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if rows < batch + 1:
         raise UsageError(f"--rows: the bank needs more rows than the batch ({batch}), got {rows}")
     if negatives > rows - batch:
         raise UsageError(f"--negatives: at most rows - batch = {rows - batch} for a shared draw, got {negatives}")
-    device = machine.default_device()
+    device = machine.default_device() if device is None else device
     rows32, index, queries = realistic_embeddings(rows, dim, batch, device)
     bank32 = MemoryBank(rows, dim).to(device)
     bank32.rows.copy_(rows32)

@@ -1,4 +1,5 @@
-"""Loader-only throughput per backend and worker count, the batched stage's time per batch, and their report."""
+"""Loader-only throughput per backend, worker count and (reference backend) decode device, the batched stage's time
+per batch, and their report."""
 
 import itertools
 import statistics
@@ -11,9 +12,10 @@ from tqdm import tqdm
 
 from pirl_trainer import pipelines
 from pirl_trainer.pipelines.augment import BatchAugment
+from pirl_trainer.pipelines.device_decode import DECODE_DEVICES
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.tools.profiling import UsageError, decode, machine
-from pirl_trainer.tools.profiling.report import table
+from pirl_trainer.tools.profiling.report import parse_list, table
 
 
 def recipe_with(overrides: list[str]) -> PirlRecipe:
@@ -25,11 +27,24 @@ def recipe_with(overrides: list[str]) -> PirlRecipe:
         raise UsageError(f"--recipe-overrides: {str(err).splitlines()[0]}") from None
 
 
+def decode_devices(text: str) -> list[str]:
+    """--decode-devices: data.decode_device values, each one of DECODE_DEVICES."""
+    devices = parse_list(text, "--decode-devices")
+    for device in devices:
+        if device not in DECODE_DEVICES:
+            raise UsageError(f"--decode-devices: {device!r} is not one of {', '.join(DECODE_DEVICES)}")
+    return devices
+
+
 def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: int, batches: int,
-                batch_size: int) -> dict:
+                batch_size: int, decode_device: str = "workers") -> dict:
     """Samples/s of `batches` batches, wall clock, the first batch of each epoch left out: it pays for the
-    workers' start-up, which a long run pays once. More epochs are read when one has too few batches."""
-    loader = pipelines.make_loader(backend, shard_dir, recipe, batch_size=batch_size, num_workers=workers, seed=0)
+    workers' start-up, which a long run pays once. More epochs are read when one has too few batches.
+    decode_device: the reference backend's data.decode_device (main-process decoding when not "workers"; a CUDA
+    decode is synchronised before each batch is counted)."""
+    extra = {"decode_device": decode_device} if backend == "reference" else {}
+    loader = pipelines.make_loader(backend, shard_dir, recipe, batch_size=batch_size, num_workers=workers, seed=0,
+                                   **extra)
     if len(loader) < 2:  # an epoch of one batch never gets past the start-up
         raise UsageError(f"--batch-size {batch_size}: {shard_dir} holds {loader.num_samples} samples, "
                          f"{len(loader)} batch per epoch; timing needs at least 2")
@@ -41,6 +56,7 @@ def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: in
         next(batch_iter)
         start = time.perf_counter()
         for batch in batch_iter:
+            machine.synchronize(batch["image"].device)
             samples += len(batch["index"])
             timed += 1
             if timed == batches:
@@ -50,8 +66,8 @@ def loader_rate(backend: str, shard_dir: str, recipe: PirlRecipe, *, workers: in
         if timed == batches:
             break
     rate = samples / elapsed
-    return {"backend": backend, "workers": workers, "batches": timed, "samples": samples,
-            "samples_per_s": rate, "samples_per_s_per_core": rate / max(1, workers)}
+    return {"backend": backend, "decode_device": decode_device, "workers": workers, "batches": timed,
+            "samples": samples, "samples_per_s": rate, "samples_per_s_per_core": rate / max(1, workers)}
 
 
 def augment_ms(shard_dir: str, recipe: PirlRecipe, batch_size: int, device: torch.device, calls: int = 5) -> float:
@@ -73,18 +89,22 @@ def augment_ms(shard_dir: str, recipe: PirlRecipe, batch_size: int, device: torc
 
 
 def profile_loaders(shard_dir: str, backends: list[str], workers: list[int], *, batches: int, batch_size: int,
-                    recipe: PirlRecipe) -> dict:
+                    recipe: PirlRecipe, decode_devices: list[str] = ("workers",)) -> dict:
+    """Every backend x worker count (x decode device, for the reference backend) against the decode limit."""
     jpegs, num_samples = decode.read_jpegs(shard_dir)
     before, skipped = decode.decode_rates(jpegs)
     results, unavailable = [], {}
-    runs = [(b, w) for b in backends for w in workers]
-    for backend, w in tqdm(runs, desc="loaders", unit="run", leave=False):
-        if backend in unavailable:
+    runs = [(b, d, w) for b in backends for d in (decode_devices if b == "reference" else ["workers"])
+            for w in workers]
+    for backend, device, w in tqdm(runs, desc="loaders", unit="run", leave=False):
+        name = backend if device == "workers" else f"{backend} decode_device={device}"
+        if name in unavailable:
             continue
         try:
-            results.append(loader_rate(backend, shard_dir, recipe, workers=w, batches=batches, batch_size=batch_size))
-        except pipelines.BackendUnavailable as err:  # an optional backend not installed: say so, measure the rest
-            unavailable[backend] = str(err)
+            results.append(loader_rate(backend, shard_dir, recipe, workers=w, batches=batches, batch_size=batch_size,
+                                       decode_device=device))
+        except pipelines.BackendUnavailable as err:  # an optional backend (or CUDA) missing: say so, measure the rest
+            unavailable[name] = str(err)
     after, skipped_after = decode.decode_rates(jpegs)
     limit = decode.decode_limit(before, after, {**skipped, **skipped_after})
     for r in results:
@@ -100,12 +120,12 @@ def profile_loaders(shard_dir: str, backends: list[str], workers: list[int], *, 
 
 def report(result: dict) -> str:
     limit = result["decode_limit"]
-    rows = [[r["backend"], r["workers"], r["samples_per_s"], r["samples_per_s_per_core"], r["ratio_to_decode"]]
-            for r in result["results"]]
+    rows = [[r["backend"], r.get("decode_device", "workers"), r["workers"], r["samples_per_s"],
+             r["samples_per_s_per_core"], r["ratio_to_decode"]] for r in result["results"]]
     decoders = ", ".join(f"{name} {rate:.1f}" for name, rate in sorted(limit["all"].items(), key=lambda kv: -kv[1]))
     lines = [
         f"{result['shards']}: {result['num_samples']} samples, batch {result['batch_size']}, {result['device']}",
-        table(["backend", "workers", "samples/s", "samples/s/core", "ratio_to_decode"], rows),
+        table(["backend", "decode_device", "workers", "samples/s", "samples/s/core", "ratio_to_decode"], rows),
         f"decode limit: {limit['samples_per_s_per_core']:.1f} samples/s/core ({limit['decoder']}, full decode of "
         f"{result['decode_samples']} JPEGs, best of before/after); all: {decoders}",
         f"batched stage (BatchAugment) on {result['device']}: {result['augment_ms_per_batch']:.1f} ms per batch",

@@ -17,8 +17,9 @@ The .beton holds, per sample (FFCV sample id = global idx):
 - `index`: `IntField`, the global idx (equal to the sample id; --verify and the loader check it);
 - `label`: `IntField`, only when the input is labelled.
 The manifest has the WebDataset manifest's keys (`shards` is empty) plus `format: "beton"` and `beton` (file,
-samples, bytes, sha256, page_size, `stored` counts per mode). The .beton's byte layout depends on the order in which
-the writer's processes claim pages (with more than one worker); its samples do not.
+samples, bytes, sha256, page_size, `stored` counts per mode); the shards' sample-names file is copied beside it.
+The .beton's byte layout depends on the order in which the writer's processes claim pages (with more than one
+worker); its samples do not.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ import numpy as np
 import simplejpeg
 
 from pirl_trainer.pipelines.shard_index import file_sha256
-from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
+from pirl_trainer.tools.shard_manifest import (FORMAT_VERSION, MANIFEST_NAME, load_manifest, sample_names_file,
+                                              write_manifest)
 from pirl_trainer.tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
 from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS
 from pirl_trainer.tools.sharding.sources import open_source
-from pirl_trainer.tools.sharding.verify import JPEG_SOI, VerifyReport, verify_shards
+from pirl_trainer.tools.sharding.verify import JPEG_SOI, VerifyReport, sample_names_problems, verify_shards
 
 FORMAT = "beton"
 BETON_NAME = "dataset.beton"
@@ -168,6 +170,9 @@ def _convert(shard_dir: Path, out: Path, shard_manifest: dict, source: dict, *, 
     finally:
         errors.unlink(missing_ok=True)
 
+    names = sample_names_file(shard_dir, shard_manifest)
+    if names is not None:  # the same idx, so the same line per sample; the manifest keeps its key
+        shutil.copyfile(names, out / names.name)
     manifest = {key: value for key, value in shard_manifest.items() if key != "skipped"}
     manifest.update({
         "format_version": FORMAT_VERSION,
@@ -378,8 +383,13 @@ def verify_beton(shard_dir: str | os.PathLike) -> VerifyReport:
     if manifest.get("num_skipped", len(manifest["skipped"])) != len(manifest["skipped"]):
         problems.append(f"manifest num_skipped {manifest['num_skipped']}, its skipped list has "
                         f"{len(manifest['skipped'])}")
+    expected = {MANIFEST_NAME, path.name}
+    names = sample_names_file(shard_dir, manifest)
+    if names is not None:
+        expected.add(names.name)
+        problems += sample_names_problems(names, manifest["num_samples"])
     for stray in sorted(shard_dir.iterdir()):
-        if stray.name not in (MANIFEST_NAME, path.name):
+        if stray.name not in expected:
             kind = "stale temporary file" if stray.name.endswith(".tmp") else "file not in the manifest"
             problems.append(f"{stray.name}: {kind}")
     return report

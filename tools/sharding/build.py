@@ -1,4 +1,5 @@
-"""build_shards: input source → checked images (worker pool, input order) → shards + DALI indexes + manifest."""
+"""build_shards: input source → checked images (worker pool, input order) → shards + DALI indexes + sample names +
+manifest."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from pirl_trainer.tools.shard_manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest, write_manifest
+from pirl_trainer.tools.shard_manifest import (FORMAT_VERSION, MANIFEST_NAME, SAMPLE_NAMES_FILE, SAMPLE_NAMES_KEY,
+                                              encode_sample_name, load_manifest, write_manifest)
 from pirl_trainer.tools.sharding.image_check import (DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult,
                                                      check_file)
 from pirl_trainer.tools.sharding.ordered_pool import OrderedPool
@@ -82,6 +84,7 @@ def build_shards(
 
     options = CheckOptions(max_pixels=max_pixels, max_side=max_side, jpeg_quality=jpeg_quality)
     writer = ShardWriter(out, prefix, shard_size)
+    names_tmp = out / f"{SAMPLE_NAMES_FILE}.tmp"  # renamed once every sample is written, like a shard
     progress = Progress(show_progress)
     skip_counts: Counter[str] = Counter()
     reencoded: Counter[str] = Counter()
@@ -90,7 +93,9 @@ def build_shards(
     # Skipped entries go to an anonymous temporary file: a 100M-line list may have millions of dead paths.
     with tempfile.TemporaryFile("w+", encoding="utf-8") as skipped:
         try:
-            with OrderedPool(partial(check_entry, options=options), workers, on_crash=_crashed) as pool:
+            # surrogateescape: a path that is not valid UTF-8 keeps its bytes
+            with (OrderedPool(partial(check_entry, options=options), workers, on_crash=_crashed) as pool,
+                  open(names_tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as names):
                 for entry, result in pool.map(source):
                     if entry.label is not None:
                         max_label = max(max_label, entry.label)
@@ -102,10 +107,13 @@ def build_shards(
                     reencoded.update(result.reencoded)
                     entries = sample_entries(num_samples, result.data, entry.label)
                     writer.add(num_samples, sample_key(num_samples), entries)
+                    names.write(encode_sample_name(entry.name or entry.path) + "\n")  # line i: sample i
                     num_samples += 1
             shards = writer.close()
+            os.replace(names_tmp, out / SAMPLE_NAMES_FILE)
         except BaseException:
             writer.abort()
+            names_tmp.unlink(missing_ok=True)
             raise
         finally:
             progress.close()
@@ -121,6 +129,7 @@ def build_shards(
             "labelled": source.labelled,
             "classes": class_names,
             "shards": shards,
+            SAMPLE_NAMES_KEY: SAMPLE_NAMES_FILE,
             "num_skipped": sum(skip_counts.values()),
             "skipped_by_reason": dict(sorted(skip_counts.items())),
             "reencoded": dict(sorted(reencoded.items())),

@@ -32,6 +32,9 @@ class Entry:
     path: str
     label: int | None = None
     skip_reason: str | None = None  # set when the source itself rejects the entry
+    # what the sample is called in its input: the path relative to the input folder, or the list file's entry
+    # (OUT/sample_names.txt, which data.subset matches image names against)
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ class FolderSource:
         for folder, _, names in sorted(os.walk(class_dir, onerror=errors.append, followlinks=True)):
             for name in sorted(names):
                 found = True
-                yield Entry(os.path.join(folder, name), label)
+                path = os.path.join(folder, name)
+                yield Entry(path, label, name=os.path.relpath(path, self.root))
         for e in errors:
             yield Entry(e.filename or class_dir, skip_reason=f"unreadable: folder: {type(e).__name__}: {e.strerror}")
         if not found and not errors:
@@ -220,18 +224,18 @@ class ListSource:
             reason = f"bad list line: {where}: the list's first line has {expected}, this one differs"
             return Entry(path, skip_reason=reason)
         if len(fields) == 1:
-            return Entry(path)
+            return Entry(path, name=fields[0])
         label = fields[1].strip()
         if self._positions is not None:
             if not label:
                 return Entry(path, skip_reason=f"bad list line: {where}: empty class name")
-            return Entry(path, self._positions[label])
+            return Entry(path, self._positions[label], name=fields[0])
         if not _LABEL.fullmatch(label):
             return Entry(path, skip_reason=f"bad list line: {where}: label {label!r} is not a non-negative integer "
                                            "(the list's first label is a class number)")
         if int(label) > MAX_LABEL:
             return Entry(path, skip_reason=f"bad list line: {where}: label {label} > {MAX_LABEL}")
-        return Entry(path, int(label))
+        return Entry(path, int(label), name=fields[0])
 
 
 KAGGLE_HEADER = ("ImageId", "PredictionString")
@@ -367,7 +371,7 @@ class LabelledFolderSource:
 
     def __iter__(self) -> Iterator[Entry]:
         for path, label in self._entries:
-            yield Entry(path, label)
+            yield Entry(path, label, name=os.path.basename(path))
 
 
 def _description(kind: str, path: Path, *, labels: Path | None = None, classes: ClassIndex | None = None) -> dict:

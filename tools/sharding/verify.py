@@ -2,7 +2,8 @@
 
 Streams every tar (never loads a shard whole) and checks: file sizes, samples per shard, the member set of each
 sample, key == idx, idx contiguous over 0..N-1 in shard order, cls == label and within the class list, JPEG
-start-of-image marker, the DALI index file byte for byte, manifest totals, and stray files in the folder.
+start-of-image marker, the DALI index file byte for byte, manifest totals, one line per sample in the sample-names
+file (where the manifest lists one), and stray files in the folder.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pirl_trainer.tools.shard_manifest import MANIFEST_NAME, load_manifest, shard_files
+from pirl_trainer.tools.shard_manifest import MANIFEST_NAME, load_manifest, sample_names_file, shard_files
 from pirl_trainer.tools.sharding import wds_index
 from pirl_trainer.tools.sharding.sample_format import decode_int64, expected_extensions, sample_key
 
@@ -60,11 +61,24 @@ def verify_shards(shard_dir: str | Path) -> VerifyReport:
             f"manifest num_skipped {manifest['num_skipped']}, its skipped list has {len(manifest['skipped'])}"
         )
     expected_files = {MANIFEST_NAME} | {n for s in manifest["shards"] for n in (s["file"], s["index_file"])}
+    names = sample_names_file(shard_dir, manifest)
+    if names is not None:
+        expected_files.add(names.name)
+        report.problems += sample_names_problems(names, manifest["num_samples"])
     for path in sorted(shard_dir.iterdir()):
         if path.name not in expected_files:
             kind = "stale temporary file" if path.name.endswith(".tmp") else "file not in the manifest"
             report.problems.append(f"{path.name}: {kind}")
     return report
+
+
+def sample_names_problems(path: Path, num_samples: int) -> list[str]:
+    """A sample-names file the manifest lists must exist and hold one line per sample."""
+    if not path.is_file():
+        return [f"{path.name}: listed in the manifest but missing"]
+    with open(path, "rb") as f:
+        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    return [] if lines == num_samples else [f"{path.name}: {lines} lines, manifest num_samples {num_samples}"]
 
 
 def _verify_shard(
