@@ -84,6 +84,9 @@ class ProbeConfig:
     arch: str = ""  # trunk architecture; empty = the checkpoint's (resnet50 without a checkpoint)
     image_size: int = 0  # centre-crop size; 0 = the checkpoint's recipe.image_size (224 without one)
     backend: str = "reference"  # a key of pipelines.BACKENDS
+    # backend=reference only: "workers" decode in the loader workers; "cuda" (the process's GPU) or "cpu": the
+    # workers read and the main process decodes each batch (data.decode_device of pretraining, docs/pipelines.md)
+    decode_device: str = "workers"
     batch_size: int = 64  # feature-extraction batch; online: the training batch per process
     num_workers: int = 2  # loader workers (reference: DataLoader workers; dali: threads)
     epochs: int = 100  # passes of the classifier over the cached features
@@ -246,8 +249,11 @@ def eval_loader(shards: str, recipe: PirlRecipe, cfg: ProbeConfig, *, mode: str 
                 world_size: int = 1):
     """A loader of labelled shards (else a ValueError naming them): eval mode, or this rank's share of
     shuffled pretraining-mode epochs (mode="pretrain", the online probe's training images)."""
+    if cfg.decode_device != "workers" and cfg.backend != "reference":
+        raise ConfigError(f"decode_device={cfg.decode_device} applies to backend=reference only, not {cfg.backend}")
+    options = {"decode_device": cfg.decode_device} if cfg.backend == "reference" else {}
     loader = pipelines.make_loader(cfg.backend, shards, recipe, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                   rank=rank, world_size=world_size, seed=cfg.seed, mode=mode)
+                                   rank=rank, world_size=world_size, seed=cfg.seed, mode=mode, **options)
     if not loader.labelled:
         raise ValueError(f"{shards} has no labels: the linear probe needs labelled shards")
     return loader

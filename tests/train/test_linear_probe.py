@@ -171,3 +171,30 @@ def test_shards_with_other_classes_are_refused_before_any_feature(synthetic_shar
             f"linear probe: training shards {synthetic_shards} and test shards {test} have different class indexes: "
             "class 9 is 'triangle_outline' in the training shards and 'triangle_open' in the test shards")):
         linear_probe.main(probe_args(synthetic_shards, f"--test_shards={test}"))
+
+
+def test_decode_device_cpu_gives_the_workers_paths_eval_images(synthetic_shards):
+    """decode_device=cpu: the main process decodes and cuts; the eval views agree with the workers' (the same
+    resize weights, float against torch's fixed-point uint8 kernel: rounding only), so do the labels."""
+    from pirl_trainer.pipelines.recipe import PirlRecipe
+    from pirl_trainer.pipelines.reference import MainProcessDecodeLoader
+
+    recipe = PirlRecipe(image_size=32, jigsaw_size=48, patch_size=16)
+    batches = {}
+    for device in ("workers", "cpu"):
+        cfg = linear_probe.ProbeConfig(backend="reference", decode_device=device, num_workers=0, batch_size=8)
+        loader = linear_probe.eval_loader(str(synthetic_shards), recipe, cfg)
+        assert isinstance(loader, MainProcessDecodeLoader) == (device == "cpu")
+        loader.set_epoch(0)
+        batches[device] = next(iter(loader))
+    assert torch.equal(batches["workers"]["label"], batches["cpu"]["label"])
+    diff = (batches["workers"]["image"].float() - batches["cpu"]["image"].float()).abs()
+    assert diff.mean() < 0.5 and diff.max() <= 2
+
+
+def test_decode_device_on_another_backend_is_a_config_error(synthetic_shards):
+    from pirl_trainer.pipelines.recipe import PirlRecipe
+
+    cfg = linear_probe.ProbeConfig(backend="ffcv", decode_device="cpu")
+    with pytest.raises(ConfigError, match="decode_device=cpu applies to backend=reference only, not ffcv"):
+        linear_probe.eval_loader(str(synthetic_shards), PirlRecipe(), cfg)
