@@ -85,7 +85,7 @@ class ProbeConfig:
     image_size: int = 0  # centre-crop size; 0 = the checkpoint's recipe.image_size (224 without one)
     backend: str = "reference"  # a key of pipelines.BACKENDS
     # backend=reference only: "workers" decode in the loader workers; "cuda" (the process's GPU) or "cpu": the
-    # workers read and the main process decodes each batch (data.decode_device of pretraining, docs/pipelines.md)
+    # workers read and the main process decodes each batch, as in pretraining (docs/pipelines.md)
     decode_device: str = "workers"
     batch_size: int = 64  # feature-extraction batch; online: the training batch per process
     num_workers: int = 2  # loader workers (reference: DataLoader workers; dali: threads)
