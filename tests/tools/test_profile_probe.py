@@ -108,7 +108,7 @@ def test_the_probe_takes_the_training_config_s_trunk_data_and_loader():
     cfg = load_config(PirlConfig, IMAGENETTE, ["--data.shards=shards/train", "--run.log_every=7"])
     probe_cfg = probe_config(cfg, "shards/test", "out", max_steps=12)
     assert (probe_cfg.mode, probe_cfg.arch, probe_cfg.image_size, probe_cfg.batch_size, probe_cfg.num_workers,
-            probe_cfg.backend) == ("online", "resnet18", 64, 64, 2, "reference")
+            probe_cfg.backend, probe_cfg.decode_device) == ("online", "resnet18", 64, 64, 2, "reference", "workers")
     assert (probe_cfg.train_shards, probe_cfg.test_shards, probe_cfg.online_out_dir) == ("shards/train", "shards/test",
                                                                                         "out")
     assert probe_cfg.online_max_steps == 12 and probe_cfg.online_log_every == 7 and not probe_cfg.online_tensorboard
@@ -121,8 +121,8 @@ def test_the_settings_the_probe_cannot_take_are_listed():
     cfg = load_config(PirlConfig, IMAGENETTE, ["--data.shards=s", "--data.decode_device=cpu", "--run.bf16=true",
                                                "--data.recipe.image_scale_min=0.5"])
     assert probe_differences(cfg) == ["data.recipe.image_scale_min=0.5 (online probe: 0.08)",
-                                      "data.decode_device=cpu (online probe: workers)",
                                       "run.bf16=true (online probe: float32, NCHW)"]
+    assert probe_config(cfg, "t", "out", max_steps=1).decode_device == "cpu"  # the probe takes this one
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -140,3 +140,14 @@ def test_bad_options_exit_2_naming_the_value_before_any_run(synthetic_shards, tm
     err = capsys.readouterr().err
     assert err.startswith("profile.py probe: error:") and named in err
     assert not (tmp_path / "run").exists()  # the pretraining run never started
+
+
+def test_help_names_the_probe_and_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["probe", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--test-shards" in text and "--warmup" in text and "training-config override" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "profile.py probe --config" in capsys.readouterr().out  # the usage line in the module docstring

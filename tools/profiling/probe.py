@@ -3,12 +3,12 @@
 Both sides run their real loops for warm-up + timed steps, one after the other in this process: train/pirl.py's
 train() on the training config, then train/online_probe.py's online_probe() (the frozen trunk's forward of the
 image view, the stage heads' forward, backward and SGD step, with its loader) on a ProbeConfig built from the
-same arch, image size, batch size, loader workers, backend, seed and training shards. Each loop calls a WallClock
-after every step; the timed steps are the same count of the same epoch positions on both sides, so both read the
-same number of images and the ratio of the rates is the inverse ratio of the wall times.
+same arch, image size, batch size, loader workers, backend, decode device, seed and training shards. Each loop
+calls a WallClock after every step; the timed steps are the same count of the same epoch positions on both sides,
+so both read the same number of images and the ratio of the rates is the inverse ratio of the wall times.
 
 What the online probe has no option for (the trunk's weights: it probes a random trunk of the same arch, which
-costs the same; the image view's crop and decoding fields other than the size; the loader's decode options; bf16
+costs the same; the image view's crop and decoding fields other than the size; DALI's and FFCV's options; bf16
 and channels_last) it runs at its defaults: probe_differences lists the training config's departures from them.
 """
 
@@ -29,7 +29,7 @@ from pirl_trainer.train.linear_probe import ProbeConfig
 
 # The image view's fields the online probe's loader cuts with PirlRecipe's defaults (it takes only image_size)
 IMAGE_VIEW_FIELDS = ("image_scale_min", "image_scale_max", "ratio_min", "ratio_max", "flip_p", "reduced_decoding")
-LOADER_FIELDS = ("decode_device", "dali", "ffcv_os_cache")  # backend options ProbeConfig has no field for
+LOADER_FIELDS = ("dali", "ffcv_os_cache")  # backend options ProbeConfig has no field for
 
 
 class WallClock:
@@ -100,9 +100,9 @@ def probe_config(cfg: PirlConfig, test_shards: str, out_dir: str, max_steps: int
     plain = ProbeConfig()
     return dataclasses.replace(
         plain, mode="online", train_shards=cfg.data.shards, test_shards=test_shards, arch=cfg.model.arch,
-        image_size=cfg.data.recipe.image_size, backend=cfg.data.backend, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers, seed=cfg.run.seed, online_out_dir=out_dir, online_max_steps=max_steps,
-        online_eval_every=plain.online_epochs, online_log_every=cfg.run.log_every,
+        image_size=cfg.data.recipe.image_size, backend=cfg.data.backend, decode_device=cfg.data.decode_device,
+        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed, online_out_dir=out_dir,
+        online_max_steps=max_steps, online_eval_every=plain.online_epochs, online_log_every=cfg.run.log_every,
         online_ckpt_every=max(plain.online_ckpt_every, max_steps), online_tensorboard=False, online_cpu=cfg.run.cpu)
 
 
