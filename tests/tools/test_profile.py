@@ -41,14 +41,7 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Measured on the shared 2-core machine: while another process holds a core, 2 intra-op threads run these
-    tiny models ~7x slower than 1. One thread keeps the tests' time steady; the numbers are not compared."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def test_loaders_reports_every_backend_and_worker_count_against_the_decode_limit(shards, tmp_path, capsys):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from pirl_trainer.tools.profile import main
 from pirl_trainer.tools.profiling.bank import VARIANTS, profile_bank
@@ -10,12 +9,7 @@ from pirl_trainer.tools.profiling.bank import VARIANTS, profile_bank
 TINY = ["--rows", "500", "--dim", "16", "--batch", "4", "--negatives", "50", "--repeats", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def test_bank_writes_the_ratio_and_settings(tmp_path, capsys):

@@ -20,13 +20,7 @@ IMAGENETTE = str(REPO / "train/configs/imagenette_cpu.yaml")
 SIDES = ("pretrain", "online")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Steady test time on a shared machine (tests/tools/test_profile.py); the rates are not compared."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def test_probe_times_both_loops_over_the_same_steps_and_reports_the_ratio(synthetic_shards, tmp_path, monkeypatch,
