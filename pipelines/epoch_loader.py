@@ -69,6 +69,8 @@ class EpochLoader:
         self.world_size = world_size
         self.seed = seed
         self.mode = mode
+        # an eval loader may be shuffled too (the online probe's training on eval views); DALI's plans its own order
+        self.shuffle = mode == "pretrain"
         self.with_geometry = with_geometry
         self._steps = steps_per_epoch(table.num_samples, batch_size, world_size)
         self.rank_samples = rank_sample_count(table.num_samples, batch_size, world_size, rank)  # per epoch
@@ -173,7 +175,7 @@ class EpochLoader:
             return self._selection[self.start_step:]
         batches = epoch_batches(
             self.epoch_samples, self.batch_size, rank=self.rank, world_size=self.world_size,
-            seed=self.seed, epoch=self.epoch, shuffle=self.mode == "pretrain", start_step=self.start_step,
+            seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, start_step=self.start_step,
         )
         return batches if self.subset is None else [self.subset[positions] for positions in batches]
 

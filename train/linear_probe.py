@@ -116,6 +116,9 @@ class ProbeConfig:
     online_ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     online_max_steps: int = -1  # stop after this many global steps (a budget for smoke runs); -1 = the schedule
     online_tensorboard: bool = True  # TensorBoard events in online_out_dir/tensorboard/ (log.jsonl either way)
+    # what the heads train on: "random_resized" (Goyal et al. 2019: random resized crop + flip) or "centre" (the
+    # eval view, shuffled: the cached probe's training images, to compare the two modes like for like)
+    online_train_view: str = "random_resized"
     online_cpu: bool = False  # force the CPU even where a GPU is present
 
 

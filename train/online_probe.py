@@ -52,7 +52,9 @@ GOYAL_EPOCHS = 28  # the schedule online_lr_milestones are quoted in: Goyal et a
 # Area share of It's crop in the training loader: ~20 px square on a 500x375 photo, resized to one pixel, so the
 # view nobody trains on costs next to nothing and never holds back the reduced JPEG decoding (geometry.dct_reduction)
 IT_SCALE = 0.002
-SAME_PROBE = ("checkpoint", "arch", "image_size", "layers")  # a resumed run must probe the same trunk the same way
+# a resumed run must probe the same trunk the same way
+SAME_PROBE = ("checkpoint", "arch", "image_size", "layers", "online_train_view")
+TRAIN_VIEWS = ("random_resized", "centre")  # online_train_view: Goyal et al.'s training images, or the eval view
 
 
 def train_view_recipe(recipe: PirlRecipe) -> PirlRecipe:
@@ -64,6 +66,16 @@ def train_view_recipe(recipe: PirlRecipe) -> PirlRecipe:
     """
     return dataclasses.replace(recipe, jigsaw_view="jigsaw", grid=1, jigsaw_size=1, patch_size=1,
                                jigsaw_scale_min=IT_SCALE, jigsaw_scale_max=IT_SCALE).validate()
+
+
+def train_images(cfg: ProbeConfig, recipe: PirlRecipe, rank: int, world: int):
+    """This rank's loader of the heads' training images, shuffled per epoch: online_train_view's random resized
+    crops + flips (train_view_recipe), or the eval view (centre crops, what the cached probe fits)."""
+    if cfg.online_train_view == "centre":
+        loader = eval_loader(cfg.train_shards, recipe, cfg, rank=rank, world_size=world)
+        loader.shuffle = True
+        return loader
+    return eval_loader(cfg.train_shards, train_view_recipe(recipe), cfg, mode="pretrain", rank=rank, world_size=world)
 
 
 class StageHeads(nn.Module):
@@ -89,6 +101,11 @@ def check_online_config(cfg: ProbeConfig) -> list[str]:
         raise ConfigError("train_shards and test_shards are required")
     if cfg.backend not in pipelines.BACKENDS:
         raise ConfigError(f"backend must be one of {sorted(pipelines.BACKENDS)}, got {cfg.backend!r}")
+    if cfg.online_train_view not in TRAIN_VIEWS:
+        raise ConfigError(f"online_train_view must be one of {TRAIN_VIEWS}, got {cfg.online_train_view!r}")
+    if cfg.online_train_view == "centre" and cfg.backend == "dali":
+        raise ConfigError("online_train_view=centre shuffles an eval loader, and DALI's eval order is its own: "
+                          "use backend=reference or ffcv")
     rules = [
         ("batch_size", cfg.batch_size >= 1, ">= 1"),
         ("online_epochs", cfg.online_epochs >= 1, ">= 1"),
@@ -130,7 +147,7 @@ def online_settings(cfg: ProbeConfig, global_batch: int) -> dict:
     return {"mode": "online", "epochs": cfg.online_epochs, "lr": cfg.online_lr, "global_batch": global_batch,
             "reference_batch": cfg.online_reference_batch, "lr_milestones": list(cfg.online_lr_milestones),
             "lr_decay": cfg.online_lr_decay, "momentum": cfg.online_momentum,
-            "weight_decay": cfg.online_weight_decay, "seed": cfg.seed}
+            "weight_decay": cfg.online_weight_decay, "train_view": cfg.online_train_view, "seed": cfg.seed}
 
 
 def head_losses(heads: nn.Module, feats: dict[str, torch.Tensor], label: torch.Tensor,
@@ -188,8 +205,7 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
     out_dir = Path(cfg.online_out_dir)
     trunk, arch, recipe = load_trunk(cfg)  # seeds torch with cfg.seed: the same random trunk on every rank
     trunk = trunk.to(device).requires_grad_(False)
-    train_loader = eval_loader(cfg.train_shards, train_view_recipe(recipe), cfg, mode="pretrain", rank=rank,
-                               world_size=world)
+    train_loader = train_images(cfg, recipe, rank, world)
     test_loader = eval_loader(cfg.test_shards, recipe, cfg, rank=rank, world_size=world)
     # before any step: a test label must name the class the heads learnt under that number
     check_same_classes("online linear probe", cfg.train_shards, train_loader.classes, cfg.test_shards,
@@ -217,7 +233,7 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
         check_resume_data(accelerator, path, state, cfg.train_shards, train_loader.num_samples, cfg.batch_size,
                           batch_key="batch_size")
         for key in SAME_PROBE:
-            if state["config"][key] != getattr(cfg, key):
+            if state["config"].get(key, getattr(cfg, key)) != getattr(cfg, key):  # .get: keys added since
                 raise ValueError(f"{path} probed with {key}={state['config'][key]!r}, this run has "
                                  f"{key}={getattr(cfg, key)!r}")
         heads.load_state_dict(state["heads"])

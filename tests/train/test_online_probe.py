@@ -188,10 +188,34 @@ def test_shards_with_other_classes_are_refused_before_any_step(synthetic_shards,
     (["--resume"], "--resume continues an online probe"),  # the cached mode has nothing to resume
     (["--mode=online", "--online_lr_milestones=[8,30]"], "online_lr_milestones must be"),
     (["--mode=online", "--online_eval_every=0"], "online_eval_every must be >= 1"),
+    (["--mode=online", "--online_train_view=center"], "online_train_view must be one of"),
+    (["--mode=online", "--online_train_view=centre", "--backend=dali"], "DALI's eval order is its own"),
 ])
 def test_bad_mode_settings_are_config_errors(synthetic_shards, extra, match):
     with pytest.raises(ConfigError, match=match):
         linear_probe.main([f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}", *extra])
+
+
+def test_the_centre_train_view_is_the_eval_view_shuffled_once_per_epoch(synthetic_shards):
+    """online_train_view=centre trains on what the cached probe fits: each training image's eval view (the same
+    pixels as the test loader's form), every sample once per epoch, in a shuffled order that changes per epoch."""
+    cfg = linear_probe.ProbeConfig(arch="resnet18", image_size=32, num_workers=0, batch_size=8,
+                                   train_shards=str(synthetic_shards), online_train_view="centre")
+    recipe = linear_probe.load_trunk(cfg)[2]
+    loader = online_probe.train_images(cfg, recipe, 0, 1)
+    reference = {int(i): img for batch in linear_probe.eval_loader(str(synthetic_shards), recipe, cfg)
+                 for i, img in zip(batch["index"], batch["image"])}
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        order = []
+        for batch in loader:
+            order += batch["index"].tolist()
+            for i, img in zip(batch["index"].tolist(), batch["image"]):
+                assert torch.equal(img, reference[i])
+        assert sorted(order) == sorted(reference)
+        orders.append(order)
+    assert orders[0] != sorted(orders[0]) and orders[0] != orders[1]
 
 
 def test_the_heads_step_and_the_scoring_run_on_cuda_without_host_reads(synthetic_shards):
