@@ -99,6 +99,12 @@ class OptimConfig:
     # epochs at which the rate drops 10x (a step schedule, as fine-tuning protocols use); empty = cosine to final_lr
     lr_steps: list[float] = field(default_factory=list)
     nesterov: bool = False  # Nesterov momentum (the paper's pretraining: plain SGD momentum)
+    # "sgd": the paper's (supplement A); "lars": SGD scaled per layer by eta * ||w|| / ||g + wd * w|| (You et al.
+    # 2017), as SimCLR trains at global batches of thousands (train/lars.py, docs/training.md)
+    optimizer: str = "sgd"
+    lars_eta: float = 0.001  # LARS trust coefficient eta (SimCLR's lars_optimizer.py EETA_DEFAULT)
+    # LARS: biases and BatchNorm weights (the 1-d parameters) get neither weight decay nor the trust ratio (SimCLR)
+    lars_exclude_1d: bool = True
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pirl_trainer.train.config import ConfigError, PirlConfig, config_from_cli, 
 from pirl_trainer.train.knn_monitor import KnnMonitor
 from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, init_trunk,
                                        unused_parameters)
+from pirl_trainer.train.optimizers import build_optimizer
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
 from pirl_trainer.train.run_log import RunLog
@@ -313,10 +314,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
             raise ConfigError(f"loss.num_negatives = {cfg.loss.num_negatives} does not fit {cfg.data.shards} "
                               f"({loader.num_samples} samples): {err}") from None
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-        nesterov=cfg.optim.nesterov,
-    )
+    optimizer = build_optimizer(cfg.optim, net, peak_lr)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     final_ratio = cfg.optim.final_lr / cfg.optim.lr
     drops = [round(epoch * steps_per_epoch) for epoch in cfg.optim.lr_steps]
