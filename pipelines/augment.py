@@ -7,12 +7,15 @@ trained on (CUDA on a cluster, the CPU here), after the host->device copy, on wh
   rotated grid cell and rotating the tile), per-patch rotations (`patch_rotation`);
 - photometric: brightness, contrast, saturation and hue in a random order (torchvision's ColorJitter
   semantics), random grayscale, with an independent draw for the image view and for each tile of It;
-- float conversion and normalisation.
+- float conversion and normalisation;
+- Gaussian blur (recipe.blur_p > 0, SimCLR / MoCo v2) of the image view and of a second image view's tile
+  (pipelines/blur.py): one pass over the normalised output, whichever kernels painted it.
 `eval()` is the evaluation form: float conversion and normalisation only (bank initialisation, the probe).
 
 Randomness: every parameter of sample i in epoch e is a counter-based hash of (seed, e, i, slot)
 (pipelines.rng.counter_uniform), drawn on the host from the batch's `index` for the whole batch in a few
-tensor ops: independent of batch composition, rank, worker count and device.
+tensor ops: independent of batch composition, rank, worker count and device. The blur has its own stream
+(rng.PURPOSE_BLUR), so every other draw is the same whatever the blur's settings.
 
 Who paints: on the CPU a fused numba kernel (pipelines/paint_cpu.py), one pass per view; elsewhere the
 whole-tensor kernels below (eager or torch.compile'd). Those group the views: views that apply the same ops
@@ -29,6 +32,7 @@ import torch
 
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines import paint_cpu
+from pirl_trainer.pipelines.blur import Blur, blur_in_place, draw_blur, kernel_size
 from pirl_trainer.pipelines.photometric import (
     BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, LUMA, NONE, SATURATION, Jitter, draw_jitter,
 )
@@ -39,6 +43,8 @@ from pirl_trainer.pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_
 _FLIP, _ROTATION = JITTER_DRAWS, JITTER_DRAWS + 1
 VIEW_DRAWS = JITTER_DRAWS + 2
 GROUP_BY = ("order", "hue")
+# The views of It rotated as a whole by a random multiple of 90 degrees (the "image" view never is).
+ROTATED_VIEWS = ("rotation", "rotation_jigsaw")
 KERNEL_CHOICES = ("auto", "numba", "tensor", "compiled")
 
 
@@ -50,13 +56,16 @@ class AugmentParams:
     tiles: Jitter  # B*K views: the tiles of It, sample-major
     tile_flip: torch.Tensor  # (B*K,) bool: horizontal flip of a patch (recipe.patch_flip_p; jigsaw views)
     tile_rotation: torch.Tensor  # (B*K,) int64 quarter turns of each patch (recipe.patch_rotation)
-    view_rotation: torch.Tensor  # (B,) int64 quarter turns of It as a whole (rotation views; 0 for "jigsaw")
+    view_rotation: torch.Tensor  # (B,) int64 quarter turns of It as a whole (ROTATED_VIEWS; else 0)
+    image_blur: Blur  # B views: the image view's Gaussian blur
+    tile_blur: Blur  # B*K views: a second image view's blur (never applied to jigsaw patches)
 
 
 def draw_params(recipe: PirlRecipe, seed: int, epoch: int, index: torch.Tensor) -> AugmentParams:
     """The parameters of the samples `index` (B,) in `epoch`: a pure function of (recipe, seed, epoch, index).
 
-    Slot 0 of a sample is its image view (and the rotation of It), slots 1..K its tiles.
+    Slot 0 of a sample is its image view (and the rotation of It), slots 1..K its tiles; the blur comes from
+    its own stream (pipelines/blur.py draw_blur).
     """
     r = recipe
     index = index.detach().to("cpu", torch.int64)
@@ -65,7 +74,7 @@ def draw_params(recipe: PirlRecipe, seed: int, epoch: int, index: torch.Tensor) 
     u = u.view(b, 1 + k, VIEW_DRAWS)
     image_strengths = dict(brightness=r.brightness, contrast=r.contrast, saturation=r.saturation, hue=r.hue,
                            jitter_p=r.jitter_p, grayscale_p=r.grayscale_p)
-    if r.jigsaw_view == "rotation":
+    if r.second_image_view:
         # It is a second image view with "the standard data augmentation" (paper A.2): the image's strengths.
         tile_strengths = image_strengths
     else:
@@ -73,15 +82,18 @@ def draw_params(recipe: PirlRecipe, seed: int, epoch: int, index: torch.Tensor) 
                               saturation=r.patch_saturation, hue=r.patch_hue, jitter_p=r.patch_jitter_p,
                               grayscale_p=r.patch_grayscale_p)
     tile_u = u[:, 1:].reshape(b * k, VIEW_DRAWS)
-    jigsaw = r.jigsaw_view != "rotation"
+    jigsaw = not r.second_image_view
+    image_blur, second_blur = draw_blur(r, seed, epoch, index)
     quarter_turns = (tile_u[:, _ROTATION] * 4).to(torch.int64)
     return AugmentParams(
         image=draw_jitter(u[:, 0, :JITTER_DRAWS], **image_strengths),
         tiles=draw_jitter(tile_u[:, :JITTER_DRAWS], **tile_strengths),
         tile_flip=(tile_u[:, _FLIP] < r.patch_flip_p) if jigsaw else torch.zeros(b * k, dtype=torch.bool),
         tile_rotation=quarter_turns if (jigsaw and r.patch_rotation) else torch.zeros_like(quarter_turns),
-        view_rotation=((u[:, 0, _ROTATION] * 4).to(torch.int64) if r.jigsaw_view != "jigsaw"
+        view_rotation=((u[:, 0, _ROTATION] * 4).to(torch.int64) if r.jigsaw_view in ROTATED_VIEWS
                        else torch.zeros(b, dtype=torch.int64)),
+        image_blur=image_blur,
+        tile_blur=Blur.none(b * k) if jigsaw else second_blur,
     )
 
 
@@ -130,6 +142,11 @@ class BatchAugment:
         out[B.IMAGE] = self.paint(image, params.image)
         tiles = self._move_tiles(tiles, params)
         out[B.PATCHES] = self.paint(tiles.reshape(b * k, *tiles.shape[2:]), params.tiles).view(tiles.shape)
+        if r.blur_p > 0:  # blur_p = 0 (PIRL's recipe): no pass at all
+            size = kernel_size(r.image_size, r.blur_kernel_fraction)
+            blur_in_place(out[B.IMAGE], params.image_blur, size)
+            if r.second_image_view:
+                blur_in_place(out[B.PATCHES].view(b * k, *tiles.shape[2:]), params.tile_blur, size)
         return out
 
     def eval(self, batch: dict) -> dict:

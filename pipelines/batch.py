@@ -2,7 +2,7 @@
 
 Loaders cut, the batched stage (pipelines/augment.py) paints. Side by side, for a recipe with image_size S and
 It made of K tiles of T px (jigsaw views: K = 9 patches of T = patch_size in grid order, cell r*grid + c;
-rotation view: K = 1 tile of T = S):
+second image views, "rotation" and "image": K = 1 tile of T = S):
 
 | key       | loader batch (every backend yields)              | model batch (the stage returns, training reads) |
 |-----------|--------------------------------------------------|-------------------------------------------------|
@@ -32,7 +32,7 @@ PATCH_ORIGIN = "patch_origin"  # int64 (B, K, 2): (y, x) top-left of each tile i
 JIGSAW_BOX = "jigsaw_box"  # int64 (B, 4): (top, left, h, w) of It's crop in the decoded image
 IMAGE_BOX = "image_box"  # int64 (B, 4): (top, left, h, w) of the image-view crop in the decoded image
 IMAGE_FLIPPED = "image_flipped"  # bool (B,): whether the image view was flipped
-JIGSAW_FLIPPED = "jigsaw_flipped"  # bool (B,): whether It's crop was flipped (rotation view; else False)
+JIGSAW_FLIPPED = "jigsaw_flipped"  # bool (B,): whether It's crop was flipped (second image views; else False)
 GEOMETRY_KEYS = (PATCH_ORIGIN, JIGSAW_BOX, IMAGE_BOX, IMAGE_FLIPPED, JIGSAW_FLIPPED)
 
 MODES = ("pretrain", "eval")
@@ -119,9 +119,10 @@ def _check(batch: dict, recipe: PirlRecipe, labelled: bool, mode: str, dtype: to
         _fail(f"{LABEL!r} has negative entries")
     if PATCH_ORIGIN in batch:
         origin = _check_tensor(batch, PATCH_ORIGIN, (b, k, 2), torch.int64)
-        if recipe.jigsaw_view == "rotation":
+        if recipe.second_image_view:
             if origin.any():
-                _fail(f"{PATCH_ORIGIN!r} of the rotation view must be zeros (its one tile is the whole crop)")
+                _fail(f"{PATCH_ORIGIN!r} of the {recipe.jigsaw_view!r} view must be zeros (its one tile is the whole "
+                      "crop)")
         else:
             offset = origin - cell_origins(recipe.grid, recipe.cell_size).to(origin.device)
             if (offset < 0).any() or (offset > recipe.max_patch_offset).any():

@@ -84,7 +84,7 @@ def resolve_decode_device(requested: str) -> str:
 def pretrain_outputs(recipe: PirlRecipe, labelled: bool, with_geometry: bool) -> list[str]:
     """Names of the source's outputs, in order; the pipeline graph and the source agree through this list."""
     names = ["jpg", "image_start", "image_end", "image_flip", "jigsaw_start", "jigsaw_end"]
-    names += ["jigsaw_flip"] if recipe.jigsaw_view == "rotation" else ["paste_ids", "paste_anchors"]
+    names += ["jigsaw_flip"] if recipe.second_image_view else ["paste_ids", "paste_anchors"]
     names += [B.INDEX] + ([B.LABEL] if labelled else [])
     return names + (list(B.GEOMETRY_KEYS) if with_geometry else [])
 
@@ -204,7 +204,7 @@ def _graph(fn, types, source: SampleSource, recipe: PirlRecipe, device: str, opt
     s = recipe.image_size
     view = fn.resize(images, roi_start=nodes["image_start"], roi_end=nodes["image_end"], size=[s, s], **linear)
     out[B.IMAGE] = fn.flip(view, horizontal=nodes["image_flip"])
-    if recipe.jigsaw_view == "rotation":
+    if recipe.second_image_view:
         second = fn.resize(images, roi_start=nodes["jigsaw_start"], roi_end=nodes["jigsaw_end"], size=[s, s],
                            **linear)
         second = fn.flip(second, horizontal=nodes["jigsaw_flip"])

@@ -175,7 +175,7 @@ def cut_views(images: list[torch.Tensor], encoded: dict, recipe: PirlRecipe, mod
     image_boxes, jigsaw_boxes = encoded[B.IMAGE_BOX].tolist(), encoded[B.JIGSAW_BOX].tolist()
     image_flips, jigsaw_flips = encoded[B.IMAGE_FLIPPED].tolist(), encoded[B.JIGSAW_FLIPPED].tolist()
     image_crops = [Crop(k, tuple(box), (s, s), flipped=f) for k, (box, f) in enumerate(zip(image_boxes, image_flips))]
-    if r.jigsaw_view == "rotation":  # the second image view: the same size, so one call cuts both
+    if r.second_image_view:  # the same size as the image view, so one call cuts both
         second = [Crop(k, tuple(box), (s, s), flipped=f) for k, (box, f) in enumerate(zip(jigsaw_boxes, jigsaw_flips))]
         views = resized_crops(images, image_crops + second, (s, s))
         out[B.IMAGE], out[B.PATCHES] = views[:len(images)], views[len(images):, None]

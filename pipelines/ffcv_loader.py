@@ -90,7 +90,7 @@ BATCHES_AHEAD = 3  # FFCV's default: batches prepared ahead of the consumer
 POLL_S = 1.0  # how often a wait for FFCV's thread checks that the thread is still alive
 
 # Kinds of view the kernel cuts.
-KIND_JIGSAW, KIND_ROTATION, KIND_EVAL = 0, 1, 2
+KIND_JIGSAW, KIND_SECOND_IMAGE, KIND_EVAL = 0, 1, 2  # KIND_SECOND_IMAGE: the "rotation" and "image" views
 # Columns of the per-sample plan the kernel reads (int32): boxes are (top, left, height, width) in the decoded
 # image's pixels; for eval, IMAGE_BOX holds (resized height, resized width, crop top, crop left).
 SCALE, IMAGE_BOX, IMAGE_FLIP, JIGSAW_BOX, JIGSAW_FLIP, ORIGINS = 0, 1, 5, 6, 10, 11
@@ -384,7 +384,7 @@ class _CutViews(Operation):
         self.pin_memory = pin_memory
         self.epoch = 0
         r = recipe
-        self.kind = KIND_EVAL if mode == "eval" else KIND_ROTATION if r.jigsaw_view == "rotation" else KIND_JIGSAW
+        self.kind = KIND_EVAL if mode == "eval" else KIND_SECOND_IMAGE if r.second_image_view else KIND_JIGSAW
         self.tiles = 0 if mode == "eval" else r.view_tiles
         self.tile_size = r.view_tile_size
         self.sample_bytes = 3 * (r.image_size ** 2 + self.tiles * self.tile_size ** 2)
@@ -562,7 +562,7 @@ def _cut_kernel(located, plan, out, status, kind, image_size, jigsaw_size, tile_
         if plan[s, IMAGE_FLIP]:
             _flip_columns(view)
         box = plan[s, JIGSAW_BOX:JIGSAW_BOX + 4]
-        if kind == KIND_ROTATION:
+        if kind == KIND_SECOND_IMAGE:
             second = out[s, s_bytes:2 * s_bytes].reshape((image_size, image_size, 3))
             _resize(image, box[0], box[1], box[2], box[3], second)
             if plan[s, JIGSAW_FLIP]:

@@ -85,19 +85,19 @@ def cut_patches(crop: torch.Tensor, origins: torch.Tensor, patch_size: int) -> t
 class SampleGeometry:
     """What a loader cuts for one sample, in the decoded image's pixel coordinates (full resolution).
 
-    The jigsaw views cut nine patches from `jigsaw_box` resized to jigsaw_size; the rotation view cuts one
-    more image view from it (image scales, resized to image_size, flipped when `jigsaw_flipped`).
+    The jigsaw views cut nine patches from `jigsaw_box` resized to jigsaw_size; a second image view ("rotation",
+    "image") cuts one more image view from it (image scales, resized to image_size, flipped when `jigsaw_flipped`).
     """
 
     image_box: tuple[int, int, int, int]  # (top, left, h, w) of the image view's crop
     image_flipped: bool
     jigsaw_box: tuple[int, int, int, int]  # (top, left, h, w) of It's crop
-    jigsaw_flipped: bool  # rotation view only: the second view's horizontal flip
-    patch_origins: torch.Tensor  # (K, 2) int64 (y, x) of each tile in the resized crop; (1, 2) zeros for rotation
+    jigsaw_flipped: bool  # second image views only: that view's horizontal flip
+    patch_origins: torch.Tensor  # (K, 2) int64 (y, x) of each tile in the resized crop; (1, 2) zeros, second view
 
     def crops(self, recipe) -> list[tuple[tuple[int, int, int, int], int]]:
         """[(box, output side)] of both resized crops, for choosing a reduced decoding scale."""
-        side = recipe.image_size if recipe.jigsaw_view == "rotation" else recipe.jigsaw_size
+        side = recipe.image_size if recipe.second_image_view else recipe.jigsaw_size
         return [(self.image_box, recipe.image_size), (self.jigsaw_box, side)]
 
 
@@ -108,7 +108,7 @@ def draw_sample_geometry(height: int, width: int, recipe, generator: torch.Gener
     image_box = sample_resized_crop_box(height, width, (r.image_scale_min, r.image_scale_max),
                                         (r.ratio_min, r.ratio_max), generator)
     image_flipped = bool(torch.rand((), generator=generator) < r.flip_p)
-    if r.jigsaw_view == "rotation":
+    if r.second_image_view:
         # It = "the standard data augmentation ... to get a 224x224 image" (paper A.2): its own crop and flip.
         box = sample_resized_crop_box(height, width, (r.image_scale_min, r.image_scale_max),
                                       (r.ratio_min, r.ratio_max), generator)

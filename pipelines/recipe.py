@@ -3,6 +3,8 @@
 Sources: "paper" = Misra & van der Maaten, CVPR 2020 (arXiv 1912.01991), supplement A / A.1;
 "(ref)" = the public reference implementation, VISSL's `pirl_jigsaw_4node_resnet50.yaml` with its
 `ImgPilToPatchesAndImage` / `ImgPatchesFromTensor` transforms, where the paper gives no number.
+The Gaussian blur is not PIRL's: "SimCLR" = Chen et al., ICML 2020 (arXiv 2002.05709), appendix A;
+"MoCo v2" = Chen et al., arXiv 2003.04297, with its public code's `GaussianBlur([.1, 2.])`.
 
 How to scale down for CPU runs: the resolution fields are plain config. Keep `jigsaw_size` divisible by
 `grid` and `patch_size <= jigsaw_size // grid`, e.g. `image_size=112, jigsaw_size=120, patch_size=32`
@@ -17,8 +19,12 @@ from dataclasses import dataclass
 # What the transformed view It is (paper section 4.3, supplement A.2):
 # - "jigsaw": 9 patches of a 255 crop (section 2.3, the default);
 # - "rotation": a second, independently augmented image view rotated by a random multiple of 90 degrees;
-# - "rotation_jigsaw": the 255 crop rotated by a random multiple of 90 degrees, then tiled.
-JIGSAW_VIEWS = ("jigsaw", "rotation", "rotation_jigsaw")
+# - "rotation_jigsaw": the 255 crop rotated by a random multiple of 90 degrees, then tiled;
+# - "image": a second, independently augmented image view, never rotated (SimCLR's and MoCo v2's two views).
+JIGSAW_VIEWS = ("jigsaw", "rotation", "rotation_jigsaw", "image")
+
+# The views of It that are a second full image view (one tile of image_size, cut like the image view I).
+SECOND_IMAGE_VIEWS = ("rotation", "image")
 
 
 @dataclass
@@ -36,6 +42,12 @@ class PirlRecipe:
     hue: float = 0.2  # (ref) ColorJitter hue 0.2 (pirl_jigsaw_4node_resnet50.yaml)
     jitter_p: float = 1.0  # (ref) ColorJitter is applied to every sample (no RandomApply around it)
     grayscale_p: float = 0.2  # (ref) RandomGrayscale p=0.2
+
+    # --- Gaussian blur of the image view and of a second image view, after the colour (SimCLR, MoCo v2) ---
+    blur_p: float = 0.0  # PIRL's recipe has no blur; SimCLR and MoCo v2 blur with p=0.5
+    blur_sigma_min: float = 0.1  # SimCLR appendix A: sigma ~ U[0.1, 2.0]; MoCo v2's GaussianBlur([.1, 2.])
+    blur_sigma_max: float = 2.0  # as above
+    blur_kernel_fraction: float = 0.1  # SimCLR appendix A: kernel size 10% of the image side (made odd)
 
     # --- jigsaw view It (paper supplement A.1) ---
     jigsaw_view: str = "jigsaw"  # what It is: one of JIGSAW_VIEWS above; paper 2.3 (jigsaw) and 4.3 (rotation)
@@ -87,14 +99,20 @@ class PirlRecipe:
         return self.grid * self.grid
 
     @property
+    def second_image_view(self) -> bool:
+        """Whether It is a second image view ("rotation", "image"): its own crop of the image view's scale and
+        ratio, its own flip, resized to image_size, one tile, painted with the image view's strengths."""
+        return self.jigsaw_view in SECOND_IMAGE_VIEWS
+
+    @property
     def view_tiles(self) -> int:
-        """How many tiles the transformed view It has: 9 for the jigsaw views, 1 for the rotation view."""
-        return 1 if self.jigsaw_view == "rotation" else self.num_patches
+        """How many tiles the transformed view It has: 9 for the jigsaw views, 1 for a second image view."""
+        return 1 if self.second_image_view else self.num_patches
 
     @property
     def view_tile_size(self) -> int:
-        """Side of each tile of It: patch_size for the jigsaw views, image_size for the rotation view."""
-        return self.image_size if self.jigsaw_view == "rotation" else self.patch_size
+        """Side of each tile of It: patch_size for the jigsaw views, image_size for a second image view."""
+        return self.image_size if self.second_image_view else self.patch_size
 
     @property
     def max_patch_offset(self) -> int:
@@ -122,7 +140,7 @@ class PirlRecipe:
                 f"({self.jigsaw_size} // {self.grid} = {self.cell_size})"
             )
         for name in ("flip_p", "jitter_p", "grayscale_p", "patch_flip_p", "patch_jitter_p",
-                     "patch_grayscale_p"):
+                     "patch_grayscale_p", "blur_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"PirlRecipe.{name}={value} is a probability: must be in [0, 1]")
@@ -146,6 +164,11 @@ class PirlRecipe:
                     f"PirlRecipe.{lo}/{hi} must satisfy 0 < {lo} <= {hi}, "
                     f"got {getattr(self, lo)}, {getattr(self, hi)}"
                 )
+        if not 0.0 < self.blur_sigma_min <= self.blur_sigma_max:
+            raise ValueError(f"PirlRecipe.blur_sigma_min/blur_sigma_max must satisfy 0 < blur_sigma_min <= "
+                             f"blur_sigma_max, got {self.blur_sigma_min}, {self.blur_sigma_max}")
+        if not 0.0 < self.blur_kernel_fraction <= 1.0:
+            raise ValueError(f"PirlRecipe.blur_kernel_fraction must be in (0, 1], got {self.blur_kernel_fraction}")
         for name in ("std_r", "std_g", "std_b"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PirlRecipe.{name} must be positive, got {getattr(self, name)}")

@@ -24,6 +24,8 @@ PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipel
 PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
 PURPOSE_JIGSAW_LABEL = 6  # the Jigsaw baseline's permutation id, per (seed, step, global index) (model/covariant.py)
 PURPOSE_SUBSET = 7  # data.subset_fraction's per-class draw, per (subset seed, global index) (pipelines/subset.py)
+PURPOSE_BLUR = 8  # the batched stage's Gaussian blur coins and sigmas, per (seed, epoch, index) (pipelines/blur.py)
+PURPOSE_MOCO_SHUFFLE = 9  # MoCo's shuffled BatchNorm: the key images' order, per (seed, step, global index)
 # The memory bank's counter draws (model/memory_bank.py).
 PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
 PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)

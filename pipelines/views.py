@@ -3,7 +3,7 @@
 Pretraining (paper supplement A.1), from one decoded image and the geometry of pipelines/geometry.py:
 - image view I: random resized crop -> image_size, horizontal flip;
 - It, jigsaw views: its own random resized crop (scale >= jigsaw_scale_min) -> jigsaw_size, one patch_size
-  patch per grid cell at a random offset, in grid order; rotation view: a second image view.
+  patch per grid cell at a random offset, in grid order; "rotation" and "image" views: a second image view.
 Colour, rotations and normalisation happen later, on whole batches (pipelines/augment.py).
 
 Speed (docs/pipelines.md, "The reference backend"): simplejpeg (libjpeg-turbo) reads the header, the geometry is drawn
@@ -107,7 +107,7 @@ def pretrain_views(jpg, recipe: PirlRecipe, generator: torch.Generator) -> dict:
     view = _resized_crop(image, geo.image_box, scale, r.image_size)
     if geo.image_flipped:
         view = view.flip(-1)
-    if r.jigsaw_view == "rotation":
+    if r.second_image_view:
         tiles = _resized_crop(image, geo.jigsaw_box, scale, r.image_size)
         tiles = (tiles.flip(-1) if geo.jigsaw_flipped else tiles).unsqueeze(0)
     else:

@@ -59,9 +59,10 @@ def reference(batch: dict, recipe: PirlRecipe, seed: int, epoch: int) -> tuple[t
 
 
 @pytest.mark.parametrize(("kernels", "group_by"), [("numba", None), ("tensor", "order"), ("tensor", "hue")])
-@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
+@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw", "image"])
 def test_stage_equals_torchvision_per_view(kernels, group_by, view):
-    recipe = dataclasses.replace(SMALL, jigsaw_view=view, patch_flip_p=0.5, patch_rotation=view != "rotation")
+    recipe = dataclasses.replace(SMALL, jigsaw_view=view, patch_flip_p=0.5,
+                                 patch_rotation=view not in ("rotation", "image"))
     batch = loader_batch(recipe)
     out = BatchAugment(recipe, seed=5, kernels=kernels, group_by=group_by)(batch, epoch=3)
     check_batch(out, recipe, labelled=True)

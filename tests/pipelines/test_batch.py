@@ -72,10 +72,11 @@ def test_loader_contract_is_uint8(small_recipe):
         check_loader_batch(batch, small_recipe, labelled=False)
 
 
-def test_rotation_view_has_one_image_sized_tile(small_recipe):
+@pytest.mark.parametrize("view", ["rotation", "image"])
+def test_second_image_views_have_one_image_sized_tile(small_recipe, view):
     import dataclasses
 
-    recipe = dataclasses.replace(small_recipe, jigsaw_view="rotation")
+    recipe = dataclasses.replace(small_recipe, jigsaw_view=view)
     batch = loader_valid(small_recipe)
     with pytest.raises(ValueError, match="'patches' has shape"):
         check_loader_batch(batch, recipe, labelled=False)

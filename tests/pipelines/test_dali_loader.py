@@ -48,7 +48,7 @@ def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().mean(dim=(-2, -1))
 
 
-@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
+@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw", "image"])
 def test_same_crops_as_the_reference_and_close_pixels(dali, small_shards, small_recipe, view):
     recipe = dataclasses.replace(small_recipe, jigsaw_view=view, reduced_decoding=False)
     dali = epoch(make("dali", small_shards, recipe, with_geometry=True, batch_size=5), 2)

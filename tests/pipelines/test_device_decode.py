@@ -161,8 +161,8 @@ def test_full_recipe_matches_the_reference_on_photos(imagenet_sample_shards):  #
     assert all(d.mean() <= MEAN_BOUND_REDUCED for d in diffs.values())
 
 
-@pytest.mark.parametrize("view", ["rotation", "rotation_jigsaw"])
-def test_rotation_views_match_the_reference(small_shards, small_recipe, view):
+@pytest.mark.parametrize("view", ["rotation", "rotation_jigsaw", "image"])
+def test_other_views_match_the_reference(small_shards, small_recipe, view):
     recipe = dataclasses.replace(small_recipe, jigsaw_view=view, reduced_decoding=False)
     check_against_reference(small_shards, recipe, MAD_BOUND, batch_size=5)
 

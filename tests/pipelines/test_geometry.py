@@ -71,7 +71,7 @@ def test_cut_patches_known_values():
     assert patches[2, 1, 2].tolist() == [36 + 3 * 6 + 2, 36 + 3 * 6 + 3, 36 + 3 * 6 + 4]
 
 
-@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw"])
+@pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw", "image"])
 def test_sample_geometry_per_view(view):
     recipe = PirlRecipe(jigsaw_view=view).validate()
     geo = draw_sample_geometry(375, 500, recipe, gen(3))
@@ -80,7 +80,7 @@ def test_sample_geometry_per_view(view):
     assert torch.equal(geo.patch_origins, again.patch_origins)
     for top, left, h, w in (geo.image_box, geo.jigsaw_box):
         assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
-    if view == "rotation":
+    if view in ("rotation", "image"):
         assert geo.patch_origins.tolist() == [[0, 0]]
         assert geo.crops(recipe)[1][1] == recipe.image_size
     else:
@@ -113,5 +113,7 @@ def test_recipe_view_shapes():
     rot = dataclasses.replace(jig, jigsaw_view="rotation")
     assert (rot.view_tiles, rot.view_tile_size) == (1, 224)
     assert dataclasses.replace(jig, jigsaw_view="rotation_jigsaw").view_tiles == 9
+    image = dataclasses.replace(jig, jigsaw_view="image").validate()
+    assert (image.view_tiles, image.view_tile_size) == (1, 224)
     with pytest.raises(ValueError, match="jigsaw_view='shuffle'"):
         dataclasses.replace(jig, jigsaw_view="shuffle").validate()

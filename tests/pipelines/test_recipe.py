@@ -36,6 +36,12 @@ def test_cpu_scale_down_example_from_the_docstring_is_valid():
         ({"image_size": 0}, "image_size"),
         ({"eval_resize_ratio": 0.5}, "eval_resize_ratio"),
         ({"jigsaw_view": "rotate"}, "jigsaw_view"),
+        ({"blur_p": 1.5}, "blur_p"),
+        ({"blur_p": -0.5}, "blur_p"),
+        ({"blur_sigma_min": 0.0}, "blur_sigma_min"),
+        ({"blur_sigma_min": 2.5, "blur_sigma_max": 2.0}, "blur_sigma_min"),
+        ({"blur_kernel_fraction": 0.0}, "blur_kernel_fraction"),
+        ({"blur_kernel_fraction": 1.5}, "blur_kernel_fraction"),
     ],
 )
 def test_validate_names_the_bad_field(change, field):

@@ -142,8 +142,9 @@ def test_views_are_the_drawn_crops_of_the_decoded_image(small_shards, small_reci
     assert 0 < flipped < N
 
 
-def test_rotation_view_is_a_second_image_view(small_shards, small_recipe):
-    recipe = dataclasses.replace(small_recipe, jigsaw_view="rotation", reduced_decoding=False)
+@pytest.mark.parametrize("view", ["rotation", "image"])
+def test_second_image_views_cut_their_own_box(small_shards, small_recipe, view):
+    recipe = dataclasses.replace(small_recipe, jigsaw_view=view, reduced_decoding=False)
     loader = make(small_shards, recipe, batch_size=8, with_geometry=True)
     reader = ShardReader(loader.table)
     batch = next(iter(loader))
