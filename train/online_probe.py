@@ -58,14 +58,19 @@ TRAIN_VIEWS = ("random_resized", "centre")  # online_train_view: Goyal et al.'s 
 
 
 def train_view_recipe(recipe: PirlRecipe) -> PirlRecipe:
-    """The training loader's recipe: the pretraining image view unchanged, It shrunk to one 1x1 patch.
+    """The training loader's recipe: the image view of PIRL's recipe (Goyal et al.'s random resized crop + flip, also
+    for a trunk pretrained on other crops, e.g. MoCo v2's), It shrunk to one 1x1 patch.
 
     Every backend's pretraining mode cuts the image view Goyal et al. train on (random resized crop + flip) and
     also It; with a one-cell grid of one pixel from a tiny crop, It costs almost nothing, so no loader needs a mode
     of its own. The image view's draws come first (geometry.draw_sample_geometry): they are pretraining's.
     """
+    goyal = PirlRecipe()  # torchvision's RandomResizedCrop and flip, whatever crops the trunk was pretrained on
     return dataclasses.replace(recipe, jigsaw_view="jigsaw", grid=1, jigsaw_size=1, patch_size=1,
-                               jigsaw_scale_min=IT_SCALE, jigsaw_scale_max=IT_SCALE).validate()
+                               jigsaw_scale_min=IT_SCALE, jigsaw_scale_max=IT_SCALE,
+                               image_scale_min=goyal.image_scale_min, image_scale_max=goyal.image_scale_max,
+                               ratio_min=goyal.ratio_min, ratio_max=goyal.ratio_max, flip_p=goyal.flip_p,
+                               blur_p=0.0).validate()
 
 
 def train_images(cfg: ProbeConfig, recipe: PirlRecipe, rank: int, world: int):

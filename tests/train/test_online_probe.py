@@ -196,6 +196,15 @@ def test_bad_mode_settings_are_config_errors(synthetic_shards, extra, match):
         linear_probe.main([f"--train_shards={synthetic_shards}", f"--test_shards={synthetic_shards}", *extra])
 
 
+def test_the_training_crops_are_goyals_whatever_the_trunk_was_pretrained_on():
+    from pirl_trainer.pipelines.recipe import PirlRecipe
+
+    moco = PirlRecipe(image_size=48, jigsaw_view="image", image_scale_min=0.2, ratio_min=0.9, flip_p=0.3, blur_p=0.5)
+    view = online_probe.train_view_recipe(moco)
+    assert (view.image_scale_min, view.image_scale_max, view.ratio_min, view.ratio_max) == (0.08, 1.0, 3 / 4, 4 / 3)
+    assert (view.flip_p, view.blur_p, view.image_size, view.jigsaw_view, view.view_tiles) == (0.5, 0.0, 48, "jigsaw", 1)
+
+
 def test_the_centre_train_view_is_the_eval_view_shuffled_once_per_epoch(synthetic_shards):
     """online_train_view=centre trains on what the cached probe fits: each training image's eval view (the same
     pixels as the test loader's form), every sample once per epoch, in a shuffled order that changes per epoch."""
