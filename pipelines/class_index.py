@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pirl_trainer.pipelines.shard_index import MANIFEST_NAME, read_manifest
+from pirl_trainer.pipelines.shard_format import MANIFEST_NAME, read_manifest
 
 
 class ClassIndexMismatch(ValueError):

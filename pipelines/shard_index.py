@@ -9,14 +9,11 @@ an epoch is a permutation of 0..N-1 split over ranks (pipelines/sampler.py), whi
 Reads are one `os.pread` per sample on local (or page-cached) files. A streaming mode for network storage,
 where random reads are expensive, can come later beside this one (webdataset's streaming reader fits there).
 The tars follow webdataset's conventions (members "<key>.<ext>", key and extension split at the first dot);
-tests/pipelines cross-check every read against a sequential `webdataset.WebDataset` pass.
-
-The DALI index format (`wds2idx`, format "v1.2"): a header line "v1.2 <num_samples>", then one line per
-sample with four fields per tar member: "<ext> <data offset> <size> <member name>".
+tests/pipelines cross-check every read against a sequential `webdataset.WebDataset` pass. The format itself (the
+manifest, the sample members, the DALI index files) is written down in pipelines/shard_format.py.
 """
 
 import hashlib
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,17 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-INDEX_VERSION = "v1.2"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
-INT64_BYTES = 8  # `idx` and `label` members: little-endian int64 (spec: dense binary for DALI)
+from pirl_trainer.pipelines.shard_format import (INT64_BYTES, MANIFEST_NAME, ShardFormatError, decode_int64, is_beton,
+                                                 member_name, read_index_file, read_manifest, sample_key,
+                                                 split_member_name)
+
 # Open shard files kept per process: ImageNet in the default 256 MB shards is ~550 files, smaller shards or
 # YFCC-scale sets are thousands, past a typical 1,024 soft limit on open files per process.
 MAX_OPEN_SHARDS = 128
 
 
-class ShardIndexError(ValueError):
-    """A shard directory, manifest, index file or tar that does not match the shard format."""
+ShardIndexError = ShardFormatError  # the name callers of this module catch; one class
 
 
 @dataclass(frozen=True)
@@ -63,104 +59,6 @@ class SampleTable:
         return len(self.shard)
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ShardIndexError(f"{path}: no manifest; is {shard_dir} a shard directory of tools/make_shards.py?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardIndexError(f"{path}: not valid JSON ({err})") from err
-    for key in ("format_version", "num_samples", "labelled", "shards"):
-        if key not in manifest:
-            raise ShardIndexError(f"{path}: missing key {key!r}")
-    if manifest["format_version"] != MANIFEST_FORMAT_VERSION:
-        raise ShardIndexError(
-            f"{path}: format_version {manifest['format_version']!r}, this reader knows {MANIFEST_FORMAT_VERSION}"
-        )
-    for k, shard in enumerate(manifest["shards"]):
-        for key in ("file", "index_file", "samples", "first_idx"):
-            if key not in shard:
-                raise ShardIndexError(f"{path}: shards[{k}] has no key {key!r}")
-    if manifest["labelled"] and not manifest.get("classes"):
-        raise ShardIndexError(f"{path}: labelled is true but classes is empty")
-    return manifest
-
-
-def parse_index_line(line: str) -> dict[str, tuple[int, int, str]]:
-    """One sample's line -> {ext: (data offset, size, member name)}."""
-    fields = line.split()
-    if not fields or len(fields) % 4:
-        raise ValueError(f"expected groups of 4 fields (ext offset size name), got {len(fields)} fields")
-    return {
-        fields[k]: (int(fields[k + 1]), int(fields[k + 2]), fields[k + 3]) for k in range(0, len(fields), 4)
-    }
-
-
-@dataclass
-class IndexColumns:
-    """One index file as columns, one entry per sample (line) and member extension."""
-
-    offsets: dict[str, np.ndarray]  # ext -> (n,) int64 data offset in the tar, -1 where a sample lacks it
-    sizes: dict[str, np.ndarray]  # ext -> (n,) int64 bytes
-    names: dict[str, list[str | None]]  # ext -> member names
-
-    def __len__(self) -> int:
-        return len(next(iter(self.names.values()), []))
-
-
-def _regular_columns(tokens: list[str], num_samples: int) -> IndexColumns | None:
-    """Fast path for the usual file whose every line lists the same members in the same order:
-    column slices of the token list instead of a parse per line (~1 us a sample instead of ~10)."""
-    width = len(tokens) // num_samples if num_samples else 0
-    if width == 0 or width % 4 or width * num_samples != len(tokens):
-        return None
-    exts = tokens[0:width:4]
-    if len(set(exts)) != len(exts):
-        return None
-    for c, ext in enumerate(exts):
-        if tokens[4 * c::width] != [ext] * num_samples:
-            return None
-    try:
-        offsets = {ext: np.array(tokens[4 * c + 1::width], dtype=np.int64) for c, ext in enumerate(exts)}
-        sizes = {ext: np.array(tokens[4 * c + 2::width], dtype=np.int64) for c, ext in enumerate(exts)}
-    except ValueError:
-        return None
-    names = {ext: tokens[4 * c + 3::width] for c, ext in enumerate(exts)}
-    return IndexColumns(offsets, sizes, names)
-
-
-def _irregular_columns(path: str | os.PathLike, lines: list[str]) -> IndexColumns:
-    """Line-by-line parse: any member layout, errors with the line number."""
-    parsed = []
-    for lineno, line in enumerate(lines, start=2):
-        try:
-            parsed.append(parse_index_line(line))
-        except ValueError as err:
-            raise ShardIndexError(f"{path}:{lineno}: {err}") from err
-    exts = sorted({ext for members in parsed for ext in members})
-    offsets = {ext: np.array([m.get(ext, (-1, 0, None))[0] for m in parsed], dtype=np.int64) for ext in exts}
-    sizes = {ext: np.array([m.get(ext, (-1, 0, None))[1] for m in parsed], dtype=np.int64) for ext in exts}
-    names = {ext: [m.get(ext, (-1, 0, None))[2] for m in parsed] for ext in exts}
-    return IndexColumns(offsets, sizes, names)
-
-
-def read_index_file(path: str | os.PathLike) -> IndexColumns:
-    """All samples of one DALI index file, in tar order."""
-    with open(path) as f:
-        text = f.read()
-    lines = text.splitlines()
-    if not lines:
-        raise ShardIndexError(f"{path}: empty index file")
-    header = lines[0].split()
-    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
-        raise ShardIndexError(f"{path}: header {lines[0]!r} is not '{INDEX_VERSION} <num_samples>'")
-    body = [line for line in lines[1:] if line.strip()]
-    if len(body) != int(header[1]):
-        raise ShardIndexError(f"{path}: header says {header[1]} samples, found {len(body)} lines")
-    return _regular_columns(text.split()[2:], len(body)) or _irregular_columns(path, body)
-
-
 def _first(bad: np.ndarray) -> int:
     return int(np.flatnonzero(bad)[0])
 
@@ -179,19 +77,20 @@ def _shard_columns(
         if ext not in cols.offsets or (cols.offsets[ext] < 0).any():
             row = _first(cols.offsets[ext] < 0) if ext in cols.offsets else 0
             raise ShardIndexError(f"{where(row)}: sample has no {ext!r} member")
-    keys = [f"{first_idx + row:09d}" for row in range(n)]
+    keys = [sample_key(first_idx + row) for row in range(n)]
     for ext, names in cols.names.items():
-        expected = [f"{key}.{ext}" for key in keys]
+        expected = [member_name(key, ext) for key in keys]
         if names != expected:
             row = next(r for r in range(n) if names[r] != expected[r])
-            key = names[row].split(".", 1)[0] if names[row] else None
+            key = split_member_name(names[row])[0] if names[row] else None
             raise ShardIndexError(
                 f"{where(row)}: key {key!r}, expected {keys[row]} (global index {first_idx + row})"
             )
     for ext in ("idx", "label") if labelled else ("idx",):
         if (cols.sizes[ext] != INT64_BYTES).any():
             row = _first(cols.sizes[ext] != INT64_BYTES)
-            raise ShardIndexError(f"{where(row)}: {ext!r} member has {cols.sizes[ext][row]} bytes, expected 8")
+            raise ShardIndexError(f"{where(row)}: {ext!r} member has {cols.sizes[ext][row]} bytes, "
+                                  f"expected {INT64_BYTES}")
     offsets = np.stack(list(cols.offsets.values()))  # (members, n)
     ends = offsets + np.stack(list(cols.sizes.values()))
     start, end = offsets.min(axis=0), ends.max(axis=0)
@@ -215,7 +114,7 @@ def build_sample_table(shard_dir: str | os.PathLike) -> SampleTable:
     shard_dir = Path(shard_dir)
     manifest_path = shard_dir / MANIFEST_NAME
     manifest = read_manifest(shard_dir)
-    if manifest.get("format") == "beton":
+    if is_beton(manifest):
         raise ShardIndexError(
             f"{shard_dir} holds an FFCV .beton (tools/make_shards.py --format beton), not WebDataset shards: "
             "read it with data.backend=ffcv, or point this backend at the shards it was converted from"
@@ -232,7 +131,7 @@ def build_sample_table(shard_dir: str | os.PathLike) -> SampleTable:
             if not p.is_file():
                 raise ShardIndexError(f"{p}: listed in {manifest_path} but missing")
         size = tar_path.stat().st_size
-        if "bytes" in shard and size != shard["bytes"]:
+        if size != shard["bytes"]:
             raise ShardIndexError(f"{tar_path}: {size} bytes, {manifest_path} says {shard['bytes']}: truncated or "
                                   "altered since it was written; copy it again or re-make the shards")
         if shard["first_idx"] != row:
@@ -267,7 +166,7 @@ def data_files(shard_dir: str | os.PathLike) -> list[tuple[Path, int, str]]:
     """(path, bytes, sha256) of every data file a manifest lists: the tar shards, or a .beton."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
-    if manifest.get("format") == "beton":
+    if is_beton(manifest):
         beton = manifest["beton"]
         return [(shard_dir / beton["file"], int(beton["bytes"]), beton["sha256"])]
     return [(shard_dir / s["file"], int(s["bytes"]), s["sha256"]) for s in manifest["shards"]]
@@ -320,14 +219,14 @@ def read_labels(table: SampleTable, indexes: np.ndarray) -> np.ndarray:
                 data = os.pread(fd, INT64_BYTES, at)
                 if len(data) != INT64_BYTES:
                     raise ShardIndexError(f"{path}: short read of sample {indexes[row]}'s label: truncated tar?")
-                labels[row] = int.from_bytes(data, "little", signed=True)
+                labels[row] = decode_int64(data)
         finally:
             os.close(fd)
     bad = np.flatnonzero((labels < 0) | (labels >= len(table.classes)))
     if len(bad):
         i = int(indexes[bad[0]])
-        raise ShardIndexError(f"{table.tar_paths[int(table.shard[i])]}: sample {i:09d} has label {labels[bad[0]]}, "
-                              f"outside 0..{len(table.classes) - 1}")
+        raise ShardIndexError(f"{table.tar_paths[int(table.shard[i])]}: sample {sample_key(i)} has label "
+                              f"{labels[bad[0]]}, outside 0..{len(table.classes) - 1}")
     return labels
 
 
@@ -377,18 +276,19 @@ class ShardReader:
             )
         view = memoryview(buf)
         idx_at = int(t.idx_at[i])
-        index = int.from_bytes(view[idx_at:idx_at + INT64_BYTES], "little", signed=True)
+        index = decode_int64(view[idx_at:idx_at + INT64_BYTES])
         if index != i:
             raise ShardIndexError(
-                f"{t.tar_paths[shard_id]}: sample {i:09d} carries idx {index}: index file and tar disagree"
+                f"{t.tar_paths[shard_id]}: sample {sample_key(i)} carries idx {index}: index file and tar disagree"
             )
         label = None
         if t.labelled:
             label_at = int(t.label_at[i])
-            label = int.from_bytes(view[label_at:label_at + INT64_BYTES], "little", signed=True)
+            label = decode_int64(view[label_at:label_at + INT64_BYTES])
             if not 0 <= label < len(t.classes):
                 raise ShardIndexError(
-                    f"{t.tar_paths[shard_id]}: sample {i:09d} has label {label}, outside 0..{len(t.classes) - 1}"
+                    f"{t.tar_paths[shard_id]}: sample {sample_key(i)} has label {label}, "
+                    f"outside 0..{len(t.classes) - 1}"
                 )
         jpg_at = int(t.jpg_at[i])
         return RawSample(jpg=view[jpg_at:jpg_at + int(t.jpg_size[i])], index=index, label=label)

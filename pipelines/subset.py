@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from pirl_trainer.pipelines.rng import PURPOSE_SUBSET, counter_uniform, derive_seed
-from pirl_trainer.pipelines.shard_index import MANIFEST_NAME, read_manifest
+from pirl_trainer.pipelines.shard_format import MANIFEST_NAME, read_manifest, sample_names_file
 
-NAMES_KEY = "sample_names"  # manifest.json key naming the sample-names file (tools/shard_manifest.py)
 SHOWN = 5  # names quoted in an error about several of them
 _INTEGER = re.compile(r"[0-9]+")
 
@@ -51,10 +50,10 @@ def sample_names(shard_dir: str | os.PathLike) -> list[str]:
     path = Path(shard_dir)
     folder = path.parent if path.is_file() else path
     manifest = read_manifest(folder)
-    if NAMES_KEY not in manifest:
+    names_path = sample_names_file(folder, manifest)
+    if names_path is None:
         raise SubsetError(f"{folder / MANIFEST_NAME} lists no sample names (shards made before tools/make_shards.py "
                           "wrote sample_names.txt): remake the shards, or give the subset as sample indexes")
-    names_path = folder / manifest[NAMES_KEY]
     if not names_path.is_file():
         raise SubsetError(f"{names_path}: listed in {folder / MANIFEST_NAME} but missing")
     with open(names_path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:

@@ -4,7 +4,8 @@ import shutil
 import pytest
 import webdataset as wds
 
-from pirl_trainer.pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table, parse_index_line
+from pirl_trainer.pipelines.shard_format import parse_index_line
+from pirl_trainer.pipelines.shard_index import ShardIndexError, ShardReader, build_sample_table
 from pirl_trainer.tools.make_shards import build_shards
 
 

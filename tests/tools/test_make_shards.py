@@ -13,8 +13,7 @@ from PIL import Image
 
 from tests.tools import image_factory as make
 from pirl_trainer.tools.make_shards import OutputNotEmptyError, build_shards, main, verify_shards
-from pirl_trainer.tools.shard_manifest import load_manifest, shard_files
-from pirl_trainer.tools.sharding.sample_format import decode_int64
+from pirl_trainer.pipelines.shard_format import decode_int64, read_manifest as load_manifest, shard_files
 from pirl_trainer.tools.sharding.shard_writer import ShardWriter
 
 SHARD_SIZE = 20_000  # a few generated samples per shard, so that shard boundaries are exercised

@@ -11,7 +11,7 @@ import pytest
 from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 from tests.tools.test_make_shards import build_tree
 from pirl_trainer.tools.make_shards import build_shards, main
-from pirl_trainer.tools.shard_manifest import load_manifest
+from pirl_trainer.pipelines.shard_format import read_manifest as load_manifest
 
 pytest.importorskip("ffcv")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pirl_trainer.tools.make_shards import build_shards, verify_shards
-from pirl_trainer.tools.shard_manifest import shard_files
+from pirl_trainer.pipelines.shard_format import shard_files
 
 NUM_IMAGES = 400  # ../shared/data/README.md: imagenet-sample holds 400 photos, one per class
 SHARD_SIZE = 16 * 2**20  # ~46 MB of photos: 3 shards, so that reading crosses shard boundaries

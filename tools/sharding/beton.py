@@ -25,7 +25,7 @@ worker); its samples do not.
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 import os
 import random
 import shutil
@@ -34,15 +34,14 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from pirl_trainer.pipelines.shard_format import (BETON_FORMAT, FORMAT_VERSION, MANIFEST_NAME, is_beton,
+                                                 read_manifest, sample_key, sample_names_file, write_manifest)
 from pirl_trainer.pipelines.shard_index import file_sha256
-from pirl_trainer.tools.shard_manifest import (FORMAT_VERSION, MANIFEST_NAME, load_manifest, sample_names_file,
-                                              write_manifest)
-from pirl_trainer.tools.sharding.build import DEFAULT_SHARD_SIZE, _prepare_output, build_shards
-from pirl_trainer.tools.sharding.image_check import DEFAULT_MAX_PIXELS
+from pirl_trainer.tools.sharding.build import _prepare_output, build_shards
 from pirl_trainer.tools.sharding.sources import open_source
-from pirl_trainer.tools.sharding.verify import JPEG_SOI, VerifyReport, sample_names_problems, verify_shards
+from pirl_trainer.tools.sharding.verify import (JPEG_SOI, VerifyReport, folder_problems, manifest_or_problem,
+                                                verify_shards)
 
-FORMAT = "beton"
 BETON_NAME = "dataset.beton"
 TMP_SHARDS = "webdataset.tmp"  # the intermediate shard folder inside OUT, removed after the conversion
 ERRORS_NAME = "errors.tmp"  # conversion errors reported by FFCV's writer processes
@@ -71,30 +70,27 @@ def build_beton(
     src: str | os.PathLike,
     out: str | os.PathLike,
     workers: int = 1,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    max_side: int | None = None,
-    show_progress: bool = False,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    jpeg_quality: int | None = None,
     compress_probability: float = 1.0,
-    labels: str | os.PathLike | None = None,
-    classes: str | os.PathLike | None = None,
+    **shard_options,
 ) -> dict:
     """Make OUT/dataset.beton + OUT/manifest.json from an image folder, a list file or a shard folder of this tool.
 
-    workers: decoding processes (as build_shards) and FFCV writer processes (at least 1). shard_size only sizes the
-    temporary shards. jpeg_quality: re-encoding quality (None: build_shards' default). labels, classes: as
-    build_shards. Returns the manifest.
+    workers: decoding processes (as build_shards) and FFCV writer processes (at least 1). shard_options: build_shards'
+    keyword arguments (shard_size, max_side, show_progress, max_pixels, jpeg_quality, labels, classes, prefix) for
+    the temporary shards; None stands for build_shards' default. Returns the manifest.
     """
+    shard_options = {name: value for name, value in shard_options.items() if value is not None}
+    inspect.signature(build_shards).bind(src, out, workers, **shard_options)  # a misspelt option fails before any work
     _import_ffcv()
     src, out = Path(src), Path(out)
     if not 0.0 <= compress_probability <= 1.0:
         raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
     from_shards = is_shard_folder(src)
-    if from_shards and (max_side is not None or jpeg_quality is not None):
+    if from_shards and shard_options.keys() & {"max_side", "jpeg_quality"}:
         raise ValueError(f"--input {src} is a shard folder: its images are converted as stored, so --max-side and "
                          "--jpeg-quality do not apply (remake the shards from the images to change them)")
+    labels, classes = shard_options.get("labels"), shard_options.get("classes")
     if from_shards and (labels is not None or classes is not None):
         raise ValueError(f"--input {src} is a shard folder: its labels are converted as stored, so --labels and "
                          "--classes do not apply (remake the shards from the images to change them)")
@@ -102,8 +98,8 @@ def build_beton(
         open_source(src, labels=labels, classes=classes)  # labels that do not fit: refused before OUT is made
     _prepare_output(out, src if src.is_dir() and not from_shards else None)
     if from_shards:
-        source_manifest = load_manifest(src)
-        if source_manifest.get("format") == FORMAT:
+        source_manifest = read_manifest(src)
+        if is_beton(source_manifest):
             raise ValueError(f"--input {src} already holds a .beton")
         report = verify_shards(src)
         if not report.ok:
@@ -114,10 +110,7 @@ def build_beton(
         return _convert(src, out, source_manifest, source, workers=workers,
                         compress_probability=compress_probability)
     tmp = out / TMP_SHARDS
-    kwargs = {} if jpeg_quality is None else {"jpeg_quality": jpeg_quality}
-    manifest = build_shards(src, tmp, workers=workers, shard_size=shard_size, max_side=max_side,
-                            show_progress=show_progress, max_pixels=max_pixels, labels=labels, classes=classes,
-                            **kwargs)
+    manifest = build_shards(src, tmp, workers=workers, **shard_options)
     try:
         return _convert(tmp, out, manifest, manifest["source"], workers=workers,
                         compress_probability=compress_probability)
@@ -176,17 +169,17 @@ def _convert(shard_dir: Path, out: Path, shard_manifest: dict, source: dict, *, 
     manifest = {key: value for key, value in shard_manifest.items() if key != "skipped"}
     manifest.update({
         "format_version": FORMAT_VERSION,
-        "format": FORMAT,
+        "format": BETON_FORMAT,
         "shards": [],
         "beton": {"file": BETON_NAME, "samples": n, "bytes": size, "sha256": digest, "page_size": page_size,
                   "stored": {"jpg": int(n - raw.sum()), "raw": int(raw.sum())},
                   "fields": {name: type(field).__name__ for name, field in fields.items()}},
-        "options": {**shard_manifest.get("options", {}), "format": FORMAT,
+        "options": {**shard_manifest.get("options", {}), "format": BETON_FORMAT,
                     "compress_probability": compress_probability, "workers": workers},
         "source": source,
     })
     write_manifest(out, manifest, iter(shard_manifest["skipped"]))
-    return load_manifest(out)
+    return read_manifest(out)
 
 
 def _page_size(table, raw: np.ndarray) -> int:
@@ -240,7 +233,7 @@ class _StoredImages:
             label = sample.label
             image = self._image(bytes(sample.jpg), bool(self.raw[i]))
         except Exception as err:  # noqa: BLE001 - reported through the errors file, see the class docstring
-            where = f"{self.table.tar_paths[int(self.table.shard[i])]} sample {i:09d}"
+            where = f"{self.table.tar_paths[int(self.table.shard[i])]} sample {sample_key(i)}"
             with open(self.errors_path, "a", encoding="utf-8") as f:
                 f.write(f"{where}: {type(err).__name__}: {err}\n")
             image = (MODE_RAW, 1, 1, np.zeros(3, dtype=np.uint8))
@@ -327,10 +320,8 @@ def verify_beton(shard_dir: str | os.PathLike) -> VerifyReport:
     size), the manifest's totals, and no stray or *.tmp files."""
     shard_dir = Path(shard_dir)
     report = VerifyReport()
-    try:
-        manifest = load_manifest(shard_dir)
-    except (FileNotFoundError, ValueError) as e:
-        report.problems.append(str(e))
+    manifest = manifest_or_problem(shard_dir, report)
+    if manifest is None:
         return report
     problems = report.problems
     info = manifest.get("beton") or {}
@@ -380,18 +371,7 @@ def verify_beton(shard_dir: str | os.PathLike) -> VerifyReport:
                         f"{path.name} holds {report.samples}")
     if info.get("stored") not in (None, stored) and not problems:
         problems.append(f"manifest beton.stored {info.get('stored')}, {path.name} holds {stored}")
-    if manifest.get("num_skipped", len(manifest["skipped"])) != len(manifest["skipped"]):
-        problems.append(f"manifest num_skipped {manifest['num_skipped']}, its skipped list has "
-                        f"{len(manifest['skipped'])}")
-    expected = {MANIFEST_NAME, path.name}
-    names = sample_names_file(shard_dir, manifest)
-    if names is not None:
-        expected.add(names.name)
-        problems += sample_names_problems(names, manifest["num_samples"])
-    for stray in sorted(shard_dir.iterdir()):
-        if stray.name not in expected:
-            kind = "stale temporary file" if stray.name.endswith(".tmp") else "file not in the manifest"
-            problems.append(f"{stray.name}: {kind}")
+    problems += folder_problems(shard_dir, manifest, {path.name})
     return report
 
 
@@ -410,9 +390,10 @@ def _check_jpeg(where: str, sample: BetonSample, problems: list[str]) -> None:
 
 
 def manifest_format(shard_dir: str | os.PathLike) -> str:
-    """'beton' or 'webdataset', from OUT/manifest.json (a missing or corrupt manifest reads as webdataset,
+    """'beton' or 'webdataset', from OUT/manifest.json (a missing or invalid manifest reads as webdataset,
     whose verify reports it)."""
     try:
-        return json.loads((Path(shard_dir) / MANIFEST_NAME).read_text()).get("format", "webdataset")
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest(shard_dir)
+    except (OSError, ValueError):
         return "webdataset"
+    return BETON_FORMAT if is_beton(manifest) else "webdataset"

@@ -11,13 +11,13 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from pirl_trainer.tools.shard_manifest import (FORMAT_VERSION, MANIFEST_NAME, SAMPLE_NAMES_FILE, SAMPLE_NAMES_KEY,
-                                              encode_sample_name, load_manifest, write_manifest)
+from pirl_trainer.pipelines.shard_format import (FORMAT_VERSION, MANIFEST_NAME, SAMPLE_NAMES_FILE, SAMPLE_NAMES_KEY,
+                                                 encode_sample_name, read_manifest, sample_entries, sample_key,
+                                                 write_manifest)
 from pirl_trainer.tools.sharding.image_check import (DEFAULT_MAX_PIXELS, JPEG_QUALITY, CheckOptions, CheckResult,
                                                      check_file)
 from pirl_trainer.tools.sharding.ordered_pool import OrderedPool
 from pirl_trainer.tools.sharding.progress import Progress
-from pirl_trainer.tools.sharding.sample_format import sample_entries, sample_key
 from pirl_trainer.tools.sharding.shard_writer import ShardWriter
 from pirl_trainer.tools.sharding.sources import ClassIndex, Entry, open_source
 
@@ -41,7 +41,8 @@ def check_entry(entry: Entry, options: CheckOptions) -> CheckResult:
 
 
 def _crashed(entry: Entry) -> CheckResult:
-    return CheckResult(None, "worker crashed: the decoder process died or hung on this file (segfault, out of memory, 300 s without a result)")
+    return CheckResult(None, "worker crashed: the decoder process died or hung on this file (segfault, out of memory, "
+                             "300 s without a result)")
 
 
 def reason_category(reason: str) -> str:
@@ -145,7 +146,7 @@ def build_shards(
         }
         skipped.seek(0)
         write_manifest(out, manifest, (json.loads(line) for line in skipped))
-    return load_manifest(out)
+    return read_manifest(out)
 
 
 def _prepare_output(out: Path, input_root: Path | None) -> None:

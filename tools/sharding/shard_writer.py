@@ -13,7 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from pirl_trainer.tools.sharding import wds_index
+from pirl_trainer.pipelines.shard_format import index_line, index_text, member_name, shard_file_names
 
 # Fixed member metadata, so that the same input gives byte-identical shards.
 MEMBER_MTIME = 0
@@ -50,7 +50,7 @@ class ShardWriter:
             self._start_shard(idx)
         components = []
         for ext, payload in entries:
-            name = f"{key}.{ext}"
+            name = member_name(key, ext)
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(payload), MEMBER_MTIME, MEMBER_MODE
             header_offset = self._tar.offset
@@ -58,7 +58,7 @@ class ShardWriter:
             # ustar with short names writes exactly one header block (no pax or GNU long-name blocks).
             assert self._tar.offset == header_offset + member_bytes(len(payload)), name
             components.append((ext, header_offset + tarfile.BLOCKSIZE, len(payload), name))
-        self._index_lines.append(wds_index.sample_line(components))
+        self._index_lines.append(index_line(components))
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -73,9 +73,9 @@ class ShardWriter:
         self._file = self._tar = None
 
     def _start_shard(self, first_idx: int) -> None:
-        name = f"{self.prefix}-{len(self.records):06d}"
-        self._tar_path = self.out_dir / f"{name}.tar"
-        self._idx_path = self.out_dir / f"{name}.idx"
+        tar_name, idx_name = shard_file_names(self.prefix, len(self.records))
+        self._tar_path = self.out_dir / tar_name
+        self._idx_path = self.out_dir / idx_name
         self._tmp_tar = self._tar_path.with_name(self._tar_path.name + ".tmp")
         self._file = _HashingFile(open(self._tmp_tar, "wb"))
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
@@ -92,7 +92,7 @@ class ShardWriter:
         assert size == expected, (self._tmp_tar, size, expected)
         tmp_idx = self._idx_path.with_name(self._idx_path.name + ".tmp")
         with open(tmp_idx, "w", encoding="ascii", newline="\n") as f:
-            f.write(wds_index.index_text(self._index_lines))
+            f.write(index_text(self._index_lines))
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._tmp_tar, self._tar_path)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pirl_trainer.tools.shard_manifest import MANIFEST_NAME, load_manifest
+from pirl_trainer.pipelines.shard_format import MANIFEST_NAME, read_manifest
 
 
 class SourceError(ValueError):
@@ -64,7 +64,7 @@ def read_class_index(path: str | os.PathLike) -> ClassIndex:
     may hold spaces; blank lines are ignored)."""
     path = Path(path)
     if path.is_dir() or path.name == MANIFEST_NAME:
-        manifest = load_manifest(path)
+        manifest = read_manifest(path)
         if not manifest["labelled"] or not manifest["classes"]:
             raise SourceError(f"--classes {path}: the shards are unlabelled, they have no class index")
         return ClassIndex(tuple(manifest["classes"]), str(path))

@@ -13,9 +13,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pirl_trainer.tools.shard_manifest import MANIFEST_NAME, load_manifest, sample_names_file, shard_files
-from pirl_trainer.tools.sharding import wds_index
-from pirl_trainer.tools.sharding.sample_format import decode_int64, expected_extensions, sample_key
+from pirl_trainer.pipelines.shard_format import (MANIFEST_NAME, decode_int64, expected_extensions, index_line,
+                                                 index_text, read_manifest, sample_key, sample_names_file,
+                                                 shard_files, split_member_name)
 
 JPEG_SOI = b"\xff\xd8"  # every JPEG starts with the start-of-image marker
 MAX_PROBLEMS_PER_SHARD = 20  # beyond this a shard is clearly broken; more lines would drown the summary
@@ -35,10 +35,8 @@ class VerifyReport:
 def verify_shards(shard_dir: str | Path) -> VerifyReport:
     shard_dir = Path(shard_dir)
     report = VerifyReport()
-    try:
-        manifest = load_manifest(shard_dir)
-    except (FileNotFoundError, ValueError) as e:
-        report.problems.append(str(e))
+    manifest = manifest_or_problem(shard_dir, report)
+    if manifest is None:
         return report
     labelled = manifest["labelled"]
     num_classes = len(manifest["classes"]) if manifest["classes"] is not None else None
@@ -56,20 +54,38 @@ def verify_shards(shard_dir: str | Path) -> VerifyReport:
         next_idx += record["samples"]
     if manifest["num_samples"] != next_idx:
         report.problems.append(f"manifest num_samples {manifest['num_samples']}, its shards list {next_idx}")
+    data_files = {name for s in manifest["shards"] for name in (s["file"], s["index_file"])}
+    report.problems += folder_problems(shard_dir, manifest, data_files)
+    return report
+
+
+def manifest_or_problem(shard_dir: Path, report: VerifyReport) -> dict | None:
+    """The folder's manifest, or None with the reason it cannot be read added to the report."""
+    try:
+        return read_manifest(shard_dir)
+    except (FileNotFoundError, ValueError) as e:
+        report.problems.append(str(e))
+        return None
+
+
+def folder_problems(shard_dir: Path, manifest: dict, data_files: set[str]) -> list[str]:
+    """The checks a folder of either format gets besides its data files: num_skipped against the skipped list, the
+    sample-names file, and no file but the manifest, `data_files` and the sample names."""
+    problems = []
     if manifest.get("num_skipped", len(manifest["skipped"])) != len(manifest["skipped"]):
-        report.problems.append(
+        problems.append(
             f"manifest num_skipped {manifest['num_skipped']}, its skipped list has {len(manifest['skipped'])}"
         )
-    expected_files = {MANIFEST_NAME} | {n for s in manifest["shards"] for n in (s["file"], s["index_file"])}
+    expected_files = {MANIFEST_NAME} | data_files
     names = sample_names_file(shard_dir, manifest)
     if names is not None:
         expected_files.add(names.name)
-        report.problems += sample_names_problems(names, manifest["num_samples"])
+        problems += sample_names_problems(names, manifest["num_samples"])
     for path in sorted(shard_dir.iterdir()):
         if path.name not in expected_files:
             kind = "stale temporary file" if path.name.endswith(".tmp") else "file not in the manifest"
-            report.problems.append(f"{path.name}: {kind}")
-    return report
+            problems.append(f"{path.name}: {kind}")
+    return problems
 
 
 def sample_names_problems(path: Path, num_samples: int) -> list[str]:
@@ -111,7 +127,7 @@ def _verify_shard(
                     if not member.isfile():
                         problems.append(f"{name}: member {member.name} is not a regular file")
                         continue
-                    key, _, ext = member.name.partition(".")
+                    key, ext = split_member_name(member.name)
                     if not samples or samples[-1]["key"] != key:
                         samples.append({"key": key, "payloads": {}, "components": []})
                     payload = tar.extractfile(member).read()
@@ -187,7 +203,7 @@ def _verify_index(idx_path: Path, samples: list[dict], problems: list[str]) -> N
     if not idx_path.is_file():
         problems.append(f"{idx_path.name}: missing")
         return
-    expected = wds_index.index_text([wds_index.sample_line(s["components"]) for s in samples])
+    expected = index_text([index_line(s["components"]) for s in samples])
     actual = idx_path.read_text(encoding="ascii", errors="replace")
     if actual != expected:
         actual_lines, expected_lines = actual.splitlines(), expected.splitlines()
