@@ -20,10 +20,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-# Imported first: importing `tools` takes tools/ off sys.path (tools/__init__.py), where tools/profile.py would
-# stand in for the standard library's `profile` module, before torch (which imports cProfile) loads.
-from pirl_trainer import tools  # noqa: F401
-
 import safetensors.torch
 import torch
 

@@ -19,13 +19,10 @@ import json
 import time
 from pathlib import Path
 
-# takes tools/ off sys.path before torch loads: tools/profile.py shadows `profile`
-from pirl_trainer import tools  # noqa: F401
-
+from pirl_trainer.pipelines.shard_format import MANIFEST_NAME
 from pirl_trainer.train import checkpoint, linear_probe, pirl
 from pirl_trainer.train.config import PirlConfig, load_config
 from pirl_trainer.tools.make_shards import build_shards
-from pirl_trainer.tools.shard_manifest import MANIFEST_NAME
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation", "supervised")
 METHOD_DIR = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"
