@@ -6,6 +6,7 @@ importing either costs seconds, so `import pipelines` must not pull them in.
 
 import importlib
 
+from pirl_trainer.pipelines.errors import BackendUnavailable
 from pirl_trainer.pipelines.recipe import PirlRecipe
 
 BACKENDS = {
@@ -27,12 +28,12 @@ def make_loader(backend: str, shard_dir: str, recipe: PirlRecipe, **kwargs):
     """BACKENDS[backend](shard_dir, recipe, **kwargs).
 
     Every backend takes batch_size, num_workers, rank, world_size, seed, mode ("pretrain" | "eval") and
-    with_geometry, and returns a loader with the ReferenceLoader interface (len, set_epoch, skip, iteration
+    with_geometry (pipelines/loader_front.py LoaderArgs, checked there the same way for every backend) plus its
+    own options, and returns a loader with the ReferenceLoader interface (len, set_epoch, skip, iteration
     yielding the uint8 loader batch of pipelines/batch.py). A backend whose package is missing raises
-    BackendUnavailable saying how to install it.
+    BackendUnavailable (pipelines/errors.py) saying how to install it.
     """
     return backend_factory(backend)(shard_dir, recipe, **kwargs)
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend was chosen whose package or device is not available here; the message says what to do."""
+__all__ = ["BACKENDS", "BackendUnavailable", "backend_factory", "make_loader"]

@@ -25,19 +25,19 @@ import re
 import numpy as np
 import torch
 
-from pirl_trainer.pipelines import BackendUnavailable
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.dali_options import DaliOptions
-from pirl_trainer.pipelines.epoch_loader import CorruptSamples, EpochLoader, check_loader_args
+from pirl_trainer.pipelines.epoch_loader import CorruptSamples, EpochLoader
+from pirl_trainer.pipelines.errors import DALI_INSTALL_HINT, BackendUnavailable
 from pirl_trainer.pipelines.geometry import draw_sample_geometry
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.loader_front import open_loader
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
 from pirl_trainer.pipelines.sampler import epoch_batches
-from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, build_sample_table
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 from pirl_trainer.pipelines.views import eval_size, jpeg_header
 
-INSTALL_HINT = "pip install nvidia-dali-cuda130 (DEPENDENCIES.md); or choose data.backend=reference"
 # DALI's decoder names the failing row of the batch it was handed (the corrupt samples already left out).
 DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
 
@@ -60,7 +60,8 @@ def _import_dali():
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as err:
-        raise BackendUnavailable(f"data.backend=dali needs NVIDIA DALI, not installed here: {INSTALL_HINT}") from err
+        raise BackendUnavailable(
+            f"data.backend=dali needs NVIDIA DALI, not installed here: {DALI_INSTALL_HINT}") from err
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import Pipeline
@@ -321,30 +322,22 @@ class DaliLoader(EpochLoader):
     def __del__(self):
         self.close()
 
-def make_loader(
-    shard_dir: str,
-    recipe: PirlRecipe,
-    *,
-    batch_size: int,
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    mode: str = "pretrain",
-    with_geometry: bool = False,
-    options: DaliOptions | dict | None = None,
-    pin_memory: bool | None = None,  # accepted for interface parity; DALI manages its own pinned buffers
-) -> DaliLoader:
+def make_loader(shard_dir: str, recipe: PirlRecipe, **kwargs) -> DaliLoader:
     """DALI-backend loader over the shards of tools/make_shards.py (same arguments as the reference's).
 
-    num_workers: DALI's Python workers reading bytes and drawing geometry (0 = in the main thread) and, unless
-    options.num_threads says otherwise, its CPU threads decoding and resizing.
+    kwargs: the arguments of every backend (pipelines/loader_front.py LoaderArgs) and this backend's own
+    (_own_options): options=DaliOptions(...) or its dict (data.dali), and pin_memory, accepted for interface
+    parity (DALI manages its own pinned buffers). num_workers: DALI's Python workers reading bytes and drawing
+    geometry (0 = in the main thread) and, unless options.num_threads says otherwise, its CPU threads decoding and
+    resizing.
     """
-    check_loader_args(recipe, mode=mode, with_geometry=with_geometry, num_workers=num_workers, seed=seed)
+    return open_loader("dali", shard_dir, recipe, kwargs, options=_own_options, loader=DaliLoader)
+
+
+def _own_options(*, options: DaliOptions | dict | None = None, pin_memory: bool | None = None) -> dict:
+    """The DALI backend's own make_loader options, checked, as DaliLoader's keyword arguments (pin_memory dropped)."""
     options = DaliOptions(**options) if isinstance(options, dict) else (options or DaliOptions())
     options.validate()
-    table = build_sample_table(shard_dir)
-    return DaliLoader(table, recipe, options=options, batch_size=batch_size, num_workers=num_workers, rank=rank,
-                      world_size=world_size, seed=seed, mode=mode, with_geometry=with_geometry)
+    return {"options": options}
 
 __all__ = ["DaliLoader", "DaliOptions", "SampleSource", "make_loader", "resolve_decode_device"]

@@ -1,8 +1,9 @@
-"""What every backend's loader shares: the argument checks, and which samples one rank reads in which step.
+"""What every backend's loader shares: which samples one rank reads in which step, and how it counts corrupt ones.
 
 The order comes from pipelines/sampler.py and nothing else, so every backend keeps the same guarantees: each
 sample exactly once per epoch over all ranks, the same number of steps on every rank, a full shuffle, and an
 exact resume from any step (set_epoch(epoch, start_step)). Backends differ only in how they cut the views.
+Its arguments reach it bound and checked by pipelines/loader_front.py (LoaderArgs).
 With a subset (set_subset: a labelled fraction for fine-tuning, pipelines/subset.py) the same holds for the
 subset's samples: the sampler orders positions 0..K-1 of the subset, which map to their global indexes.
 
@@ -29,21 +30,6 @@ DEFAULT_MAX_SKIPPED = 100
 
 class CorruptSamples(RuntimeError):
     """More corrupt samples in one epoch than the loader's max_skipped_per_epoch; names the last one."""
-
-
-def check_loader_args(recipe, *, mode: str, with_geometry: bool, num_workers: int, seed: int) -> None:
-    """The checks every make_loader runs before touching the shards, with messages naming the bad argument."""
-    if not isinstance(recipe, PirlRecipe):
-        raise TypeError(f"recipe must be a PirlRecipe (OmegaConf.to_object a structured config), got {type(recipe)}")
-    recipe.validate()
-    if mode not in B.MODES:
-        raise ValueError(f"mode must be one of {B.MODES}, got {mode!r}")
-    if with_geometry and mode != "pretrain":
-        raise ValueError("with_geometry=True only applies to mode='pretrain' (eval draws no geometry)")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
 class EpochLoader:

@@ -49,9 +49,11 @@ import torch
 from numba import types
 
 from pirl_trainer.pipelines import batch as B
-from pirl_trainer.pipelines.epoch_loader import EpochLoader, check_loader_args
+from pirl_trainer.pipelines.epoch_loader import EpochLoader
+from pirl_trainer.pipelines.errors import FFCV_INSTALL_HINT, BackendUnavailable
 from pirl_trainer.pipelines.geometry import dct_reduction, draw_sample_geometry
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.loader_front import open_loader, resolve_pin_memory
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
 from pirl_trainer.pipelines.shard_index import MANIFEST_NAME, read_manifest
@@ -80,8 +82,6 @@ finally:
     torch.set_num_threads(_threads[0])
     numba.set_num_threads(_threads[1])
 
-INSTALL_HINT = ('the FFCV backend needs the ffcv package: apt-get install -y pkg-config libturbojpeg0-dev '
-                'libopencv-dev, then pip install -e ".[ffcv]" (or pip install ffcv)')
 BETON_SUFFIX = ".beton"
 CONVERTED_SUFFIX = "-beton"  # DIR-beton: the conversion of the shard folder DIR, found from DIR
 IMAGE_FIELD, INDEX_FIELD, LABEL_FIELD = "image", "index", "label"
@@ -98,38 +98,33 @@ SCALE, IMAGE_BOX, IMAGE_FLIP, JIGSAW_BOX, JIGSAW_FLIP, ORIGINS = 0, 1, 5, 6, 10,
 OK, DECODE_FAILED, RAW_SIZE, SKIP = 0, 1, 2, 3
 
 
-def make_loader(
-    shard_dir: str,
-    recipe: PirlRecipe,
-    *,
-    batch_size: int,
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    mode: str = "pretrain",
-    with_geometry: bool = False,
-    pin_memory: bool | None = None,
-    os_cache: bool = True,
-) -> FfcvLoader:
+def make_loader(shard_dir: str, recipe: PirlRecipe, **kwargs) -> FfcvLoader:
     """FFCV-backend loader over a .beton of tools/make_shards.py (--format beton); the reference backend's interface.
 
-    num_workers: threads cutting views (FFCV's num_workers; 0 counts as 1, FFCV always works in its own thread).
-    os_cache=True reads through the OS page cache (memory-mapped file, shared by the ranks of a machine);
-    False: FFCV's process cache, which loads the pages an epoch needs into this process. pin_memory=None pins when
-    CUDA is available.
+    kwargs: the arguments of every backend (pipelines/loader_front.py LoaderArgs) and this backend's own
+    (_own_options). num_workers: threads cutting views (FFCV's num_workers; 0 counts as 1, FFCV always works in its
+    own thread). os_cache=True reads through the OS page cache (memory-mapped file, shared by the ranks of a
+    machine); False: FFCV's process cache, which loads the pages an epoch needs into this process.
+    pin_memory=None pins when CUDA is available.
     """
-    from pirl_trainer.pipelines import BackendUnavailable
+    return open_loader("ffcv", shard_dir, recipe, kwargs, options=_own_options, loader=_loader,
+                       read_samples=resolve_beton, require=_require_ffcv)
 
+
+def _require_ffcv() -> None:
     if _FFCV_IMPORT_ERROR is not None:
-        raise BackendUnavailable(f"{INSTALL_HINT} ({_FFCV_IMPORT_ERROR})") from _FFCV_IMPORT_ERROR
-    check_loader_args(recipe, mode=mode, with_geometry=with_geometry, num_workers=num_workers, seed=seed)
-    beton, manifest = resolve_beton(shard_dir)
-    return FfcvLoader(
-        beton, manifest, recipe, batch_size=batch_size, num_workers=num_workers, rank=rank,
-        world_size=world_size, seed=seed, mode=mode, with_geometry=with_geometry,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, os_cache=os_cache,
-    )
+        raise BackendUnavailable(f"{FFCV_INSTALL_HINT} ({_FFCV_IMPORT_ERROR})") from _FFCV_IMPORT_ERROR
+
+
+def _own_options(*, pin_memory: bool | None = None, os_cache: bool = True) -> dict:
+    """The FFCV backend's own make_loader options, as FfcvLoader's keyword arguments."""
+    return {"pin_memory": resolve_pin_memory(pin_memory), "os_cache": os_cache}
+
+
+def _loader(found: tuple[Path, dict | None], recipe: PirlRecipe, **kwargs) -> FfcvLoader:
+    """FfcvLoader over what resolve_beton found: (the .beton, its manifest or None)."""
+    beton, manifest = found
+    return FfcvLoader(beton, manifest, recipe, **kwargs)
 
 
 def resolve_beton(shard_dir: str) -> tuple[Path, dict | None]:
@@ -137,8 +132,6 @@ def resolve_beton(shard_dir: str) -> tuple[Path, dict | None]:
     WebDataset shard folder DIR whose conversion DIR-beton (make_shards --input DIR --output DIR-beton --format
     beton) lies beside it, made from DIR's current manifest.json. Any other WebDataset folder: BackendUnavailable
     with that command."""
-    from pirl_trainer.pipelines import BackendUnavailable
-
     path = Path(shard_dir)
     if path.is_file() and path.suffix == BETON_SUFFIX:
         if (path.parent / MANIFEST_NAME).is_file():

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.epoch_loader import EpochLoader, check_loader_args
+from pirl_trainer.pipelines.epoch_loader import EpochLoader
 from pirl_trainer.pipelines.device_decode import EncodedDataset, collate_encoded, decode_and_cut, decode_device_of
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
+from pirl_trainer.pipelines.loader_front import open_loader, resolve_pin_memory
 from pirl_trainer.pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
-from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader, build_sample_table
+from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 from pirl_trainer.pipelines.views import eval_view, pretrain_views
 
 _PRETRAIN_KEYS = (B.IMAGE, B.PATCHES)  # the views' geometry keys are dropped unless asked for
@@ -133,36 +134,30 @@ class MainProcessDecodeLoader(ReferenceLoader):
                                      device=self.device)
 
 
-def make_loader(
-    shard_dir: str,
-    recipe: PirlRecipe,
-    *,
-    batch_size: int,
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    mode: str = "pretrain",
-    with_geometry: bool = False,
-    pin_memory: bool | None = None,
-    decode_device: str | torch.device = "workers",
-) -> ReferenceLoader:
+def make_loader(shard_dir: str, recipe: PirlRecipe, **kwargs) -> ReferenceLoader:
     """Reference-backend loader over the shards of tools/make_shards.py.
 
     Yields the uint8 loader batch (pipelines/batch.py); pipelines.augment.BatchAugment turns it into the model
     batch. mode="pretrain": shuffled epochs of image + patches + index (+ label); mode="eval": identity order,
-    image = resize + centre crop, index + label. pin_memory=None pins when CUDA is available.
+    image = resize + centre crop, index + label.
 
-    decode_device: "workers" (the DataLoader workers decode and cut), or "cpu", "cuda" or a torch.device (e.g. the
-    rank's GPU): the main process decodes each batch there and cuts its views there; `image` and `patches` then
-    live on that device, index, label and geometry on the host.
+    kwargs: the arguments of every backend (pipelines/loader_front.py LoaderArgs: batch_size, num_workers, rank=0,
+    world_size=1, seed=0, mode="pretrain", with_geometry=False) and this backend's own (_own_options):
+    pin_memory=None pins when CUDA is available. decode_device="workers" (the DataLoader workers decode and cut),
+    or "cpu", "cuda" or a torch.device (e.g. the rank's GPU): the main process decodes each batch there and cuts
+    its views there; `image` and `patches` then live on that device, index, label and geometry on the host.
     """
-    check_loader_args(recipe, mode=mode, with_geometry=with_geometry, num_workers=num_workers, seed=seed)
-    device = decode_device_of(decode_device)
-    table = build_sample_table(shard_dir)
-    args = dict(batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size, seed=seed,
-                mode=mode, with_geometry=with_geometry)
+    return open_loader("reference", shard_dir, recipe, kwargs, options=_own_options, loader=_loader)
+
+
+def _own_options(*, pin_memory: bool | None = None, decode_device: str | torch.device = "workers") -> dict:
+    """The reference backend's own make_loader options, checked, as _loader's keyword arguments."""
+    return {"device": decode_device_of(decode_device), "pin_memory": pin_memory}
+
+
+def _loader(table: SampleTable, recipe: PirlRecipe, *, device: torch.device | None, pin_memory: bool | None,
+            **kwargs) -> ReferenceLoader:
+    """The loader of the decode device: the workers' (device None), else the main process decoding on it."""
     if device is not None:
-        return MainProcessDecodeLoader(table, recipe, device=device, **args)
-    return ReferenceLoader(table, recipe, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                           **args)
+        return MainProcessDecodeLoader(table, recipe, device=device, **kwargs)
+    return ReferenceLoader(table, recipe, pin_memory=resolve_pin_memory(pin_memory), **kwargs)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from pirl_trainer.pipelines.errors import FFCV_INSTALL_HINT
 from pirl_trainer.pipelines.shard_format import (BETON_FORMAT, FORMAT_VERSION, MANIFEST_NAME, is_beton,
                                                  read_manifest, sample_key, sample_names_file, write_manifest)
 from pirl_trainer.pipelines.shard_index import file_sha256
@@ -50,8 +51,6 @@ MODE_JPG, MODE_RAW = 0, 1  # ffcv.fields.rgb_image.IMAGE_MODES
 # FFCV's writer default page (4 x 2 MiB); a page must hold a sample's largest allocation (a raw image can be more).
 MIN_PAGE_SIZE = 8 * 2**20
 
-INSTALL_HINT = ('FFCV is not installed: apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev, then '
-                'pip install -e ".[ffcv]" (or pip install ffcv)')
 
 
 def is_shard_folder(path: Path) -> bool:
@@ -122,7 +121,7 @@ def _import_ffcv() -> None:
     try:
         import ffcv.writer  # noqa: F401  (its import also checks numba and OpenCV)
     except ImportError as err:
-        raise ValueError(f"--format beton needs FFCV. {INSTALL_HINT} ({err})") from err
+        raise ValueError(f"--format beton needs FFCV: {FFCV_INSTALL_HINT} ({err})") from err
 
 
 def _convert(shard_dir: Path, out: Path, shard_manifest: dict, source: dict, *, workers: int,
