@@ -21,9 +21,11 @@ import shutil
 import time
 from pathlib import Path
 
+from pirl_trainer.tools.experiment import (PROTOCOLS, grouped_bars, pretrain, pretrain_overrides, probe_protocols,
+                                           pyplot, random_init_trunk, save_figure)
 from pirl_trainer.tools.make_shards import build_shards
 from pirl_trainer.tools.synthetic_data import write_synthetic
-from pirl_trainer.train import linear_probe, pirl
+from pirl_trainer.train import linear_probe
 from pirl_trainer.train.config import PirlConfig, load_config
 
 MARKER = ".pirl-demo"  # written into --out, so that a re-run may clear a folder this tool made and no other
@@ -68,32 +70,25 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(manifest['skipped'])} skipped, {len(manifest['classes'])} classes")
 
     run_dir = out / "run"
-    overrides = [
-        f"--data.shards={out}/shards/train", f"--run.out_dir={run_dir}", f"--optim.epochs={args.epochs}",
-        f"--data.num_workers={args.workers}",
+    train, test = f"{out}/shards/train", f"{out}/shards/test"
+    extra = [
         # the config's 512 negatives need > 512 training images; a smaller --per-class draws all the others
         f"--loss.num_negatives={min(512, 10 * args.per_class - 1)}",
     ]
     if args.knn_every > 0:
-        overrides += [f"--knn.every={args.knn_every}", f"--knn.test_shards={out}/shards/test"]
-    step("3. PIRL pretraining", f"accelerate launch train/pirl.py --config {CONFIG} {' '.join(overrides)}")
-    pirl.main(["--config", str(CONFIG), *overrides])
+        extra += [f"--knn.every={args.knn_every}", f"--knn.test_shards={test}"]
+    ckpt = pretrain([CONFIG], train, run_dir, args.epochs, args.workers, extra,
+                    announce=lambda command: step("3. PIRL pretraining", command))["checkpoint"]
 
-    ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
-    cfg = load_config(PirlConfig, str(CONFIG), overrides)
-    random_trunk = [f"--arch={cfg.model.arch}", f"--image_size={cfg.data.recipe.image_size}"]
+    cfg = load_config(PirlConfig, str(CONFIG), pretrain_overrides(train, run_dir, args.epochs, args.workers, extra))
     # Both BatchNorm protocols for both trunks: "precise" re-estimates the statistics on the probe's training
     # images, "running" keeps the trunk's own (a random trunk's are mean 0 / variance 1, which happens to suit
     # it). The claim "PIRL learns" compares PIRL's worse protocol against random init's better one.
-    results: dict[str, dict[str, dict]] = {"pirl": {}, "random_init": {}}
-    for name, trunk in (("pirl", [f"--checkpoint={ckpt}"]), ("random_init", random_trunk)):
-        for bn, precise in PROTOCOLS.items():
-            probe_args = [
-                *trunk, f"--train_shards={out}/shards/train", f"--test_shards={out}/shards/test",
-                f"--output={out}/probe_{name}_{bn}.json", f"--num_workers={args.workers}", f"--precise_bn={precise}",
-            ]
-            step(f"4. linear probe ({name}, {bn} BN)", f"python train/linear_probe.py {' '.join(probe_args)}")
-            results[name][bn] = linear_probe.main(probe_args)
+    results: dict[str, dict[str, dict]] = {}
+    for name, trunk in (("pirl", [f"--checkpoint={ckpt}"]), ("random_init", random_init_trunk(cfg))):
+        results[name] = probe_protocols(
+            trunk, train, test, args.workers, output=lambda bn: out / f"probe_{name}_{bn}.json",
+            announce=lambda bn, command: step(f"4. linear probe ({name}, {bn} BN)", command))
 
     knn_random = None
     if args.knn_every > 0:
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name, by_bn in results.items()
         },
         "knn_random_init_top1": knn_random,
-        "checkpoint": str(ckpt),
+        "checkpoint": ckpt,
         "minutes": (time.perf_counter() - started) / 60,
     }
     png = out / "summary.png"
@@ -134,9 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-PROTOCOLS = {"precise": "true", "running": "false"}  # probe BatchNorm protocol -> --precise_bn
-
-
 def random_init_knn(cfg: PirlConfig, out: Path) -> dict:
     """The kNN monitor's number for the random-init trunk (same seed as the probe's random trunk)."""
     import torch
@@ -155,12 +147,9 @@ def random_init_knn(cfg: PirlConfig, out: Path) -> dict:
 def plot_summary(log_path: Path, summary: dict, png: Path) -> None:
     """Loss over steps (and the kNN curve against the random-init value when the monitor ran), and the
     best-layer probe top-1 of PIRL vs random init per BatchNorm protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from pirl_trainer.train.run_log import read_jsonl
+
+    plt = pyplot()
 
     records = read_jsonl(log_path)
     losses = [r for r in records if "loss" in r]
@@ -186,23 +175,19 @@ def plot_summary(log_path: Path, summary: dict, png: Path) -> None:
         ax.legend()
     ax = axes[-1]
     probes = summary["probes"]
-    xs = range(len(PROTOCOLS))
-    width = 0.38
-    for offset, (name, colour) in zip((-width / 2, width / 2), (("pirl", "tab:blue"), ("random_init", "tab:grey"))):
-        tops = [probes[name][bn]["top1"] for bn in PROTOCOLS]
-        bars = ax.bar([x + offset for x in xs], tops, width, label=name, color=colour)
-        for bar, bn in zip(bars, PROTOCOLS):
+    tops = {name: [probes[name][bn]["top1"] for bn in PROTOCOLS] for name in ("pirl", "random_init")}
+    bars = grouped_bars(ax, [f"{bn} BN" for bn in PROTOCOLS], tops, 0.38,
+                        colours={"pirl": "tab:blue", "random_init": "tab:grey"})
+    for name, by_bn in bars.items():
+        for bar, bn in zip(by_bn, PROTOCOLS):
             ax.annotate(f"{bar.get_height():.1f}\n{probes[name][bn]['best_layer']}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [f"{bn} BN" for bn in PROTOCOLS])
     ax.set_ylabel("linear-probe top-1 (%), best layer")
     ax.set_title(f"PIRL {summary['pirl_top1']:.1f} vs random init {summary['random_init_top1']:.1f}: "
                  f"{summary['margin']:+.1f} points", fontsize=10)
     ax.set_ylim(0, 105)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
 
 
 if __name__ == "__main__":

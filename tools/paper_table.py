@@ -2,34 +2,39 @@
 linear probe per layer under both BatchNorm protocols, against the best random-init probe; a table and a PNG.
 
     python tools/paper_table.py --data ../shared/data/imagenette --out runs/paper_table \
-        [--config train/configs/imagenette_cpu.yaml] [--methods pirl,npid,jigsaw,rotation,pirl_rotation,supervised] \
+        [--config train/configs/imagenette_cpu.yaml] \
+        [--methods pirl,npid,jigsaw,rotation,pirl_rotation,supervised,simclr,moco] \
         [--epochs 8] [--workers 2] [--set optim.lr=0.5 ...]
 
 --data holds train/ and test/ class folders (or is a folder of shards made by tools/make_shards.py with train/ and
 test/ inside). Each method trains with `--config CONFIG --config train/configs/methods/METHOD.yaml` plus the
 given epochs, so the methods differ in their objective only. `supervised` (the train split's labels) is the
 ceiling on the same budget: with it in the table, each method's row also says which share of supervised's gain over
-random init it reaches (the paper's ImageNet: PIRL 63.6, supervised 75.9). Finished runs and probes are reused on
-a re-run (delete the method's folder to redo it). Writes OUT/results.json, OUT/table.md and OUT/table.png.
+random init it reaches (the paper's ImageNet: PIRL 63.6, supervised 75.9). `moco` keeps as many keys in its queue
+as the recipe's memory-bank negatives (method_overrides). Finished runs and probes are reused on a re-run (delete the
+method's folder to redo it). Writes OUT/results.json, OUT/table.md and OUT/table.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from pirl_trainer.pipelines.shard_format import MANIFEST_NAME
-from pirl_trainer.train import checkpoint, linear_probe, pirl
-from pirl_trainer.train.config import PirlConfig, load_config
+from pirl_trainer.tools import experiment
+from pirl_trainer.tools.experiment import (PROTOCOLS, grouped_bars, probe_protocols, pyplot, random_init_trunk,
+                                           save_figure)
 from pirl_trainer.tools.make_shards import build_shards
+from pirl_trainer.train.config import PirlConfig, load_config
 
-METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation", "supervised")
+METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation", "supervised", "simclr", "moco")
 METHOD_DIR = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "imagenette_cpu.yaml"
-PROTOCOLS = {"precise": True, "running": False}  # linear_probe's precise_bn per protocol name
-# The paper's ImageNet linear-probe top-1 (ResNet-50, best layer), kept beside ours in results.json.
-PAPER_TOP1 = {"pirl": 63.6, "npid": 59.0, "jigsaw": 45.7, "supervised": 75.9}
+# ImageNet linear-probe top-1 (ResNet-50), kept beside ours in results.json. PIRL's Table 2 (best layer) for pirl,
+# npid, jigsaw and supervised. Its MoCo row (60.6) is MoCo v1; moco here is MoCo v2, whose paper (Chen, Fan, Girshick
+# & He 2020, "Improved baselines", Table 2) gives 71.1 after 800 epochs (PIRL's 63.6 is 800 epochs too) and, in the
+# same table, SimCLR's 69.3 (1,000 epochs, batch 4,096; SimCLR's own paper, Chen et al. 2020, reports the same).
+PAPER_TOP1 = {"pirl": 63.6, "npid": 59.0, "jigsaw": 45.7, "supervised": 75.9, "simclr": 69.3, "moco": 71.1}
 
 
 def shards_for(data: Path, out: Path, split: str, workers: int) -> Path:
@@ -42,20 +47,25 @@ def shards_for(data: Path, out: Path, split: str, workers: int) -> Path:
     return target
 
 
+def method_overrides(method: str, cfg: PirlConfig) -> list[str]:
+    """What one method sets on the shared recipe `cfg` (already with --set), before --set (which still wins)."""
+    if method == "moco":
+        # MoCo's queue of 65,536 keys is 5 % of ImageNet; on Imagenette's 4,000 training images it would hold every
+        # image 16 times over, which train/pair_methods.py refuses. It holds as many keys as PIRL and NPID draw
+        # negatives from their memory bank per query (loss.num_negatives), so that the contrastive methods differ in
+        # their objective, not in how many negatives each query meets.
+        return [f"--loss.moco_queue_size={cfg.loss.num_negatives}"]
+    return []
+
+
 def pretrain(method: str, config: Path, train: Path, out: Path, epochs: int, workers: int, extra: list[str]) -> dict:
     """Train `method` (or reuse a finished run); returns its checkpoint, minutes and last logged record."""
     run_dir = out / method
     done = run_dir / "pretrain.json"
     if done.is_file():
         return json.loads(done.read_text())
-    overrides = [f"--data.shards={train}", f"--run.out_dir={run_dir}", f"--optim.epochs={epochs}",
-                 f"--data.num_workers={workers}", *extra]
-    configs = ["--config", str(config), "--config", str(METHOD_DIR / f"{method}.yaml")]
-    print(f"\n== pretraining {method}: accelerate launch train/pirl.py {' '.join(configs + overrides)}", flush=True)
-    started = time.perf_counter()
-    record = pirl.main([*configs, *overrides])
-    result = {"checkpoint": str(checkpoint.latest_checkpoint(run_dir)), "minutes": (time.perf_counter() - started) / 60,
-              "last_record": record}
+    result = experiment.pretrain([config, METHOD_DIR / f"{method}.yaml"], train, run_dir, epochs, workers, extra,
+                                 announce=lambda command: print(f"\n== pretraining {method}: {command}", flush=True))
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -63,17 +73,8 @@ def pretrain(method: str, config: Path, train: Path, out: Path, epochs: int, wor
 def probe(name: str, trunk_args: list[str], train: Path, test: Path, out: Path, workers: int) -> dict:
     """Both protocols' per-layer probes of one trunk (cached in out/name/probe_PROTOCOL.json; a cached probe made
     with other probe settings, e.g. before the weight decay was chosen per layer, is redone)."""
-    results = {}
-    settings = linear_probe.probe_settings(linear_probe.ProbeConfig())
-    for protocol, precise in PROTOCOLS.items():
-        path = out / name / f"probe_{protocol}.json"
-        if not path.is_file() or json.loads(path.read_text()).get("settings") != settings:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            linear_probe.main([*trunk_args, f"--train_shards={train}", f"--test_shards={test}",
-                               f"--precise_bn={str(precise).lower()}", f"--num_workers={workers}",
-                               f"--output={path}"])
-        results[protocol] = json.loads(path.read_text())
-    return results
+    return probe_protocols(trunk_args, train, test, workers,
+                           output=lambda protocol: out / name / f"probe_{protocol}.json")
 
 
 def summarise(probes: dict[str, dict], pretraining: dict[str, dict]) -> dict:
@@ -119,29 +120,21 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(summary["methods"])
     layers = list(summary["methods"][names[0]]["per_layer"]["precise"])
     fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(5 * len(PROTOCOLS), 4), sharey=True)
     width = 0.8 / len(names)
     for ax, protocol in zip(axes, PROTOCOLS):
-        for j, name in enumerate(names):
-            values = [summary["methods"][name]["per_layer"][protocol][layer] for layer in layers]
-            ax.bar([i + j * width for i in range(len(layers))], values, width, label=name)
+        grouped_bars(ax, layers, {name: [summary["methods"][name]["per_layer"][protocol][layer] for layer in layers]
+                                  for name in names}, width)
         ax.axhline(summary["random_init_best"], color="black", linestyle="--", linewidth=1,
                    label=f"best random init ({summary['random_init_best']:.1f})")
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(layers))], layers)
         ax.set_title(f"linear probe, {protocol} BatchNorm statistics", fontsize=9)
         ax.set_ylabel("top-1 (%)")
     handles, labels = axes[0].get_legend_handles_labels()  # below the plots: above them it hides the bars
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * ((len(labels) - 1) // 4), 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, rect=(0, 0.05 + 0.045 * ((len(labels) - 1) // 4), 1, 1))
 
 
 def main(argv=None) -> dict:
@@ -164,11 +157,10 @@ def main(argv=None) -> dict:
     train, test = (shards_for(data, out, split, args.workers) for split in ("train", "test"))
     extra = [f"--{item}" for item in args.set]
 
-    pretraining = {m: pretrain(m, Path(args.config), train, out, args.epochs, args.workers, extra) for m in methods}
     cfg = load_config(PirlConfig, args.config, [f"--data.shards={train}", *extra])
-    probes = {"random_init": probe("random_init", [f"--arch={cfg.model.arch}",
-                                                   f"--image_size={cfg.data.recipe.image_size}"],
-                                   train, test, out, args.workers)}
+    pretraining = {m: pretrain(m, Path(args.config), train, out, args.epochs, args.workers,
+                               [*method_overrides(m, cfg), *extra]) for m in methods}
+    probes = {"random_init": probe("random_init", random_init_trunk(cfg), train, test, out, args.workers)}
     for m in methods:
         probes[m] = probe(m, [f"--checkpoint={pretraining[m]['checkpoint']}"], train, test, out, args.workers)
     summary = summarise(probes, pretraining)
