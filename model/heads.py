@@ -98,3 +98,36 @@ class RotationHead(nn.Module):
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"RotationHead expects (B, 1, D) features of the one rotated view, got {tuple(x.shape)}")
         return self.norm(self.proj(x[:, 0]))
+
+
+class SimCLRHead(nn.Module):
+    """SimCLR's projection g (Chen et al. 2020, section 2.1; google-research/simclr's projection_head):
+    linear (no bias) -> BatchNorm -> ReLU -> linear (no bias) -> BatchNorm, (B, in_dim) -> (B, out_dim).
+
+    hidden_dim = in_dim in the paper (2048 -> 2048 -> 128 on ResNet-50). The last BatchNorm is output_norm("bn"):
+    centred and scaled, without SimCLR's per-dimension scale (its center=False, scale=True layer), which the L2
+    normalisation that follows makes a reweighting of the dimensions only.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.hidden = nn.Linear(in_dim, hidden_dim, bias=False)  # the BatchNorm's shift is the bias
+        self.hidden_norm = nn.BatchNorm1d(hidden_dim)
+        self.proj = nn.Linear(hidden_dim, out_dim, bias=False)
+        self.norm = output_norm("bn", out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(torch.relu(self.hidden_norm(self.hidden(x)))))
+
+
+class MoCoV2Head(nn.Module):
+    """MoCo v2's projection (Chen et al. 2020, "Improved baselines", section 2; the public builder.py's `mlp`
+    option): linear -> ReLU -> linear, no BatchNorm, (B, in_dim) -> (B, out_dim); hidden_dim = in_dim there."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.hidden = nn.Linear(in_dim, hidden_dim)
+        self.proj = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.hidden(x)))

@@ -1,4 +1,5 @@
-"""Contrastive losses of PIRL (paper eq. 3-5), as pure functions of embeddings and similarities.
+"""Contrastive losses of PIRL (paper eq. 3-5) and of the SimCLR / MoCo v2 baselines, as pure functions of
+embeddings and similarities.
 
 Similarities are cosine similarities of L2-normalised vectors: `pos` (B,) scores each sample against its
 positive, `neg` (B, K) against its K negatives.
@@ -266,3 +267,59 @@ def pirl_loss(
                 total = total + weight * term
     out["loss"] = total
     return out
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, all1: torch.Tensor, all2: torch.Tensor, offset: int,
+                 tau: float, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1 and algorithm 1) of this process's anchors over the global batch.
+
+    z1, z2 (n, D): this process's two views, L2-normalised; all1, all2 (M, D): every process's (the global batch,
+    gathered with gradients; rows offset..offset+n are z1, z2 again); valid (M,) bool: False on rows that only
+    pad a process's batch (None: all rows are samples). Each of the 2n anchors scores its twin (the positive)
+    against the other 2N - 2 views of the N samples, never itself; the loss is the mean over the 2n anchors, so
+    the processes' losses weighted by n / N give the loss of one process holding the whole batch (offset 0).
+
+    Returns loss; and per anchor, detached: pos (2n,) the cosine similarity to the twin, accuracy (2n,) 1.0 where
+    the twin scores highest of the 2N - 1 candidates. Computed in float32 even under autocast (as pirl_loss).
+    """
+    n, m = z1.shape[0], all1.shape[0]
+    if z2.shape != z1.shape or all1.dim() != 2 or all2.shape != all1.shape or all1.shape[1] != z1.shape[1]:
+        raise ValueError(f"expected z1, z2 (n, D) and all1, all2 (M, D), got {tuple(z1.shape)}, {tuple(z2.shape)}, "
+                         f"{tuple(all1.shape)}, {tuple(all2.shape)}")
+    if not 0 <= offset <= m - n:
+        raise ValueError(f"the local rows {offset}..{offset + n} do not fit the {m} gathered rows")
+    if valid is not None and valid.shape != (m,):
+        raise ValueError(f"valid must be ({m},), got {tuple(valid.shape)}")
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        anchors = torch.cat([z1, z2]).float()  # (2n, D): view 1's anchors, then view 2's
+        candidates = torch.cat([all1, all2]).float()  # (2M, D)
+        sims = anchors @ candidates.T  # (2n, 2M)
+        rows = torch.arange(n, device=z1.device) + offset
+        own = torch.cat([rows, rows + m])  # (2n,) each anchor's own column
+        twin = torch.cat([rows + m, rows])  # (2n,) its positive: the same sample's other view
+        excluded = torch.zeros_like(sims, dtype=torch.bool).scatter_(1, own.unsqueeze(1), True)
+        if valid is not None:
+            excluded |= ~torch.cat([valid, valid]).unsqueeze(0)
+        logits = (sims / tau).masked_fill(excluded, float("-inf"))
+        loss = F.cross_entropy(logits, twin)
+        return {"loss": loss, "pos": sims.detach().gather(1, twin.unsqueeze(1)).squeeze(1),
+                "accuracy": (logits.detach().argmax(dim=1) == twin).float()}
+
+
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """MoCo's InfoNCE (He et al. 2020, eq. 1; v2's temperature 0.2): logits [q.k+, q.queue] / tau, target 0.
+
+    q (B, D) the queries, k (B, D) their keys (the positives; no gradient flows into them), queue (K, D) the keys
+    of earlier steps (the negatives), all L2-normalised. Returns loss; and detached: pos (B,) q.k+, neg (B, K)
+    q.queue, accuracy (B,) 1.0 where the positive outscores every queued key. Float32 even under autocast.
+    """
+    if q.dim() != 2 or k.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"expected q, k (B, D) and queue (K, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(queue.shape)}")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.float()
+        pos = (q * k.detach().float()).sum(dim=1)  # (B,)
+        neg = q @ queue.detach().float().T  # (B, K)
+        loss = infonce_loss(pos, neg, tau)
+        return {"loss": loss, "pos": pos.detach(), "neg": neg.detach(),
+                "accuracy": (pos.detach() > neg.detach().max(dim=1).values).float()}

@@ -85,6 +85,16 @@ class LossConfig:
     bank: str = "replicated"
     # float32, bfloat16 or float16 rows: half the memory (docs/results.md: the loss's deviation)
     bank_dtype: str = "float32"
+    # method=simclr: NT-Xent's temperature. SimCLR's ImageNet setting (google-research/simclr run.py's default, its
+    # README's ImageNet command at batch 4,096); its CIFAR-10 command (batch 512) uses 0.5
+    simclr_tau: float = 0.1
+    # method=moco (MoCo v2, Chen et al. 2020, "Improved baselines"): InfoNCE's temperature (v2's 0.2, v1's 0.07)
+    moco_tau: float = 0.2
+    moco_queue_size: int = 65536  # the queue of keys, the negatives: MoCo's K (v1 and v2, its builder.py default)
+    moco_momentum: float = 0.999  # the key encoder's EMA weight m (MoCo section 3.2 and its builder.py default)
+    # shuffled BatchNorm: the global batch of key images is encoded in this many groups of its own statistics; MoCo's
+    # 8 GPUs (model/moco.py). A multiple of the process count, and each group of >= 2 samples
+    moco_bn_groups: int = 8
 
 
 @dataclass
@@ -147,7 +157,8 @@ class EvalConfig:
 class PirlConfig:
     # what is learned (docs/training.md, "Methods"): pirl (eq. 5), npid (NPID++, the image term alone: loss.lam is not
     # read), jigsaw (which of model.num_permutations permutations shuffled the patches), rotation (which of 4),
-    # supervised (the image view's class label: the reference a pretraining is measured against; labelled shards)
+    # supervised (the image view's class label: the reference a pretraining is measured against; labelled shards),
+    # simclr and moco (two image views: NT-Xent over the global batch; MoCo v2's momentum keys and queue)
     method: str = "pirl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

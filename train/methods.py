@@ -12,7 +12,11 @@ methods differs in the objective only (paper section 3's baselines):
   the training shards' classes (pipelines/class_index.py), as the probe's test shards must. With
   model.init_checkpoint (a pretrained trunk, init_trunk) and data.subset / data.subset_fraction (a labelled
   subset) it is the paper's semi-supervised fine-tuning (Table 3; train/configs/finetune.yaml), scored on
-  eval.test_shards (train/classifier_eval.py).
+  eval.test_shards (train/classifier_eval.py);
+- simclr: SimCLR (Chen et al. 2020): NT-Xent of two image views (data.recipe.jigsaw_view=image) over the
+  global batch, through a BatchNorm MLP head;
+- moco: MoCo v2 (Chen et al. 2020, "Improved baselines"): InfoNCE of the image view's query against the second
+  view's key from a momentum encoder and a queue of earlier keys (model/moco.py; train/pair_methods.py runs both).
 """
 from __future__ import annotations
 
@@ -23,16 +27,20 @@ import torch.nn as nn
 
 from pirl_trainer.model.covariant import CovariantNet, draw_permutation_ids
 from pirl_trainer.model.heads import HEAD_NORMS
+from pirl_trainer.model.moco import MoCoNet
 from pirl_trainer.model.pirl import PIRLNet
+from pirl_trainer.model.simclr import SimCLRNet
 from pirl_trainer.pipelines.augment import draw_params
 from pirl_trainer.pipelines.class_index import check_same_classes, manifest_classes
 from pirl_trainer.train import checkpoint
 from pirl_trainer.train.config import ConfigError, PirlConfig
 
-METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised")
+METHODS = ("pirl", "npid", "jigsaw", "rotation", "supervised", "simclr", "moco")
 CONTRASTIVE = ("pirl", "npid")  # a memory bank and the NCE loss; the others classify and need no bank
 # The view each classification method reads: its target is what was done to It.
 COVARIANT_VIEWS = {"jigsaw": "jigsaw", "rotation": "rotation"}
+# The two-view methods (train/pair_methods.py): It is a second image view; negatives from the batch or a queue.
+PAIR_VIEWS = {"simclr": "image", "moco": "image"}
 # Logged means per method (log.jsonl, TensorBoard, the progress line shows `loss`).
 LOG_TERMS = {
     "pirl": ("loss", "loss_jigsaw", "loss_image", "pos_image", "neg_image"),
@@ -40,6 +48,10 @@ LOG_TERMS = {
     "jigsaw": ("loss", "accuracy"),
     "rotation": ("loss", "accuracy"),
     "supervised": ("loss", "accuracy"),
+    # pos: cosine similarity to the positive; accuracy: the positive ranked first (simclr: of the 2N - 1 other
+    # views; moco: above every queued key); neg: the mean similarity to the queue
+    "simclr": ("loss", "pos", "accuracy"),
+    "moco": ("loss", "pos", "neg", "accuracy"),
 }
 
 
@@ -48,7 +60,7 @@ def check_method(cfg: PirlConfig) -> None:
     if cfg.method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {cfg.method!r}")
     view = cfg.data.recipe.jigsaw_view
-    wanted = COVARIANT_VIEWS.get(cfg.method)
+    wanted = COVARIANT_VIEWS.get(cfg.method, PAIR_VIEWS.get(cfg.method))
     if wanted is not None and view != wanted:
         # rotation_jigsaw moves the tiles between cells: the permutation label would no longer be the truth.
         raise ConfigError(f"method={cfg.method} learns from the {wanted!r} view: set data.recipe.jigsaw_view="
@@ -61,18 +73,29 @@ def check_method(cfg: PirlConfig) -> None:
         # the bank holds a row for every sample and draws negatives from all of them, rows no step would update
         raise ConfigError(f"data.subset / data.subset_fraction select what a classification method trains on; "
                           f"method={cfg.method}'s memory bank needs every sample")
+    if cfg.method in PAIR_VIEWS and (cfg.data.subset or cfg.data.subset_fraction):
+        raise ConfigError(f"data.subset / data.subset_fraction select what a classification method trains on; "
+                          f"method={cfg.method} pretrains without labels on every sample")
+    for method, key in (("simclr", "simclr_tau"), ("moco", "moco_tau")):
+        if cfg.method == method and not getattr(cfg.loss, key) > 0:
+            raise ConfigError(f"loss.{key} must be > 0, got {getattr(cfg.loss, key)}")
     if cfg.eval.test_shards and cfg.method != "supervised":
         raise ConfigError(f"eval.test_shards scores method=supervised's classifier; method={cfg.method} has none "
                           "(its trunk: knn.* while training, train/linear_probe.py after)")
 
 
 def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
-    """PIRLNet for the contrastive methods, the trunk + a classifier for the others; the trunk is `trunk` in
-    both, so the linear probe, the kNN monitor and tools/export.py read every method's checkpoint. `classes`:
-    the training shards' class names (the loader's `classes`), which method=supervised needs."""
+    """PIRLNet for the contrastive methods, SimCLRNet / MoCoNet for the two-view ones, the trunk + a classifier for
+    the others; the trunk is `trunk` in all, so the linear probe, the kNN monitor and tools/export.py read every
+    method's checkpoint. `classes`: the training shards' class names (the loader's `classes`), which
+    method=supervised needs."""
     tiles = cfg.data.recipe.view_tiles
     if cfg.method in CONTRASTIVE:
         return PIRLNet(cfg.model.arch, embed_dim=cfg.model.embed_dim, num_patches=tiles, head_norm=cfg.model.head_norm)
+    if cfg.method == "simclr":
+        return SimCLRNet(cfg.model.arch, embed_dim=cfg.model.embed_dim)
+    if cfg.method == "moco":  # the query network; its key encoder is train/pair_methods.py's build_momentum_keys
+        return MoCoNet(cfg.model.arch, embed_dim=cfg.model.embed_dim)
     if cfg.method == "supervised" and not classes:
         raise ConfigError(f"method=supervised learns the class labels, but data.shards={cfg.data.shards!r} is not "
                           "labelled: make the shards from class folders (tools/make_shards.py)")
@@ -84,7 +107,7 @@ def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
                         num_classes=len(classes) if cfg.method == "supervised" else None)
 
 
-TRUNK_PREFIX = "trunk."  # PIRLNet.trunk and CovariantNet.trunk: every method's checkpoint names it alike
+TRUNK_PREFIX = "trunk."  # the trunk of PIRLNet, CovariantNet, SimCLRNet and MoCoNet: every checkpoint names it alike
 
 
 def init_trunk(net: nn.Module, path: str | Path, arch: str) -> None:

@@ -2,8 +2,8 @@
 
 One loop, top to bottom: set-up, then for each step: data, forward, negatives from the memory bank, loss,
 backward, optimiser step, bank update. Host syncs (`.item()`) happen on log steps only. The baselines (`method`:
-npid, jigsaw, rotation, supervised; train/methods.py) run through the same loop; the classification ones skip the
-bank.
+npid, jigsaw, rotation, supervised, simclr, moco; train/methods.py) run through the same loop; the classification
+ones skip the bank, simclr and moco (train/pair_methods.py) have their own negatives.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from pirl_trainer.train.knn_monitor import KnnMonitor
 from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, init_trunk,
                                        unused_parameters)
 from pirl_trainer.train.optimizers import build_optimizer
+from pirl_trainer.train.pair_methods import PAIR_METHODS, after_step, build_momentum_keys, pair_losses
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
 from pirl_trainer.train.run_log import RunLog
@@ -307,6 +308,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
     bank = build_bank(cfg, loader.num_samples, device) if contrastive else None
+    # MoCo's key encoder and queue: replicated on every rank, outside the DDP-wrapped module (model/moco.py)
+    momentum_keys = build_momentum_keys(cfg, net, accelerator, loader) if cfg.method == "moco" else None
     if contrastive:
         try:  # before the bank's initialisation and the first step, not at the first draw
             check_num_negatives(cfg.loss.num_negatives, loader.num_samples)
@@ -337,6 +340,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         net.load_state_dict(state["model"])
         if bank is not None:
             bank.load_state_dict(state["bank"])
+        if momentum_keys is not None:
+            momentum_keys.load_state_dict(state["moco"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log_z = state["log_z"]
@@ -362,6 +367,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
             state = {
                 "model": accelerator.unwrap_model(net).state_dict(),
                 "bank": bank_state,
+                "moco": momentum_keys.state_dict() if momentum_keys is not None else None,  # the same on every rank
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "log_z": log_z.cpu(),
@@ -420,6 +426,9 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     losses, log_z = contrastive_losses(cfg, net, bank, image, patches, batch["index"], index,
                                                        global_step, autocast, accelerator, loader, log_z, need_log_z)
                     need_log_z = False
+                elif cfg.method in PAIR_METHODS:
+                    losses = pair_losses(cfg, net, momentum_keys, image, patches, index, global_step, autocast,
+                                         accelerator, loader)
                 else:
                     target = covariant_target(cfg, global_step, epoch, index, batch.get("label"))
                     views = image[:, None] if cfg.method == "supervised" else patches  # supervised: the image view
@@ -439,6 +448,8 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                     with record_function("bank_update"):
                         rows, feats = gather_rows(accelerator, index, losses["f_img"], loader.max_batch_size)
                         bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+                if momentum_keys is not None:  # EMA of the stepped query network, then this step's keys queued
+                    after_step(momentum_keys, accelerator.unwrap_model(net), losses)
 
                 global_step += 1
                 step_in_epoch += 1

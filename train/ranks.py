@@ -8,11 +8,14 @@ batch of step s. What remains to make the runs agree:
 - log Z of binary NCE: one estimate over every rank's similarities, not a mean of per-rank estimates;
 - the bank update: every rank applies every rank's rows (gather_rows).
 BatchNorm statistics are the one thing left per rank; model.sync_bn synchronises them (model/sync_batchnorm.py).
+SimCLR scores every view against the whole global batch: gather_with_grad brings every rank's embeddings, with a
+backward that returns each rank the gradient of every rank's loss with respect to its rows.
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 
@@ -54,3 +57,31 @@ def global_log_z(accelerator: Accelerator, pos: torch.Tensor, neg: torch.Tensor,
     if accelerator.num_processes > 1:
         lse, count = accelerator.gather(lse), accelerator.gather(count)
     return math.log(num_data) + torch.logsumexp(lse, dim=0) - torch.log(count.sum())
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gathered rows' gradients over the ranks (an all-reduce; gloo has no
+    reduce-scatter) and hands each rank its own rows' sum."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """(world * n, ...) every rank's `tensor` (n rows each: pad_to a common size first), in rank order, with
+    gradients: a loss on rank r that reads rank s's rows sends its gradient back to rank s. The identity on one
+    process. With each rank's loss weighted by its share of the global batch and DDP's gradient average, N
+    processes then get the gradient of one process holding the whole batch (tests/model/test_nt_xent.py)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)

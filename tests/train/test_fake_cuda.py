@@ -43,6 +43,7 @@ from pirl_trainer.train.config import PirlConfig, load_config
 from pirl_trainer.train.knn_monitor import KnnMonitor
 from pirl_trainer.train.linear_probe import extract_features, stage_features
 from pirl_trainer.train.methods import CONTRASTIVE, METHODS, build_net, covariant_target
+from pirl_trainer.train.pair_methods import PAIR_METHODS, after_step, build_momentum_keys
 from pirl_trainer.train.ranks import gather_rows
 
 from .conftest import tiny_overrides
@@ -96,8 +97,10 @@ def to_fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Modu
 
 
 def config(method: str, shards, out_dir, *extra: str) -> PirlConfig:
+    small_queue = ["--loss.moco_queue_size=20", "--loss.moco_bn_groups=2"] if method == "moco" else []  # 30 samples
     return load_config(PirlConfig, f"{METHOD_CONFIGS}/{method}.yaml",
-                       [*tiny_overrides(shards, out_dir), "--run.channels_last=true", "--run.bf16=true", *extra])
+                       [*tiny_overrides(shards, out_dir), "--run.channels_last=true", "--run.bf16=true", *small_queue,
+                        *extra])
 
 
 def loader_batch(cfg: PirlConfig, mode: str = "pretrain") -> tuple:
@@ -118,6 +121,8 @@ def training_step(cfg: PirlConfig, loader, batch: dict, mode: HostRealMode, auto
     one = SimpleNamespace(num_processes=1, process_index=0)
     net = build_net(cfg, loader.classes if loader.labelled else None)
     net = net.to(memory_format=torch.channels_last)  # as train() does, before accelerator.prepare
+    keys = (build_momentum_keys(cfg, net, SimpleNamespace(num_processes=1, device=torch.device("cpu")), loader)
+            if cfg.method == "moco" else None)
     augment = trainer.build_augment(cfg)
     assert augment.kernels in ("auto", "tensor")  # on CUDA "auto" is the tensor kernels (numba is CPU only)
     step, epoch = 3, 0
@@ -126,6 +131,8 @@ def training_step(cfg: PirlConfig, loader, batch: dict, mode: HostRealMode, auto
         (args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)))
     with mode:
         to_fake_cuda(net, mode)
+        if keys is not None:
+            to_fake_cuda(keys, mode)
         net.train()
         batch = trainer.to_device(batch, CUDA)  # the host -> device copy of the loader batch
         assert_on_cuda(batch["image"], batch["patches"])
@@ -148,6 +155,8 @@ def training_step(cfg: PirlConfig, loader, batch: dict, mode: HostRealMode, auto
             rows, feats = gather_rows(one, index, losses["f_img"], loader.max_batch_size)
             bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
             assert_on_cuda(bank.fetch(index))
+        elif cfg.method in PAIR_METHODS:
+            losses = trainer.pair_losses(cfg, net, keys, image, patches, index, step, autocast, one, loader)
         else:
             target = covariant_target(cfg, step, epoch, index, batch.get("label"))
             assert_on_cuda(target)
@@ -160,7 +169,7 @@ def training_step(cfg: PirlConfig, loader, batch: dict, mode: HostRealMode, auto
         assert losses["loss"].shape == ()
         # one trunk pass per view (pirl: the image, then the patches), each in bf16; the image in channels_last
         assert [dtype for _, dtype in convs] == [torch.bfloat16] * (2 if cfg.method == "pirl" else 1)
-        if cfg.method in ("pirl", "npid", "supervised"):
+        if cfg.method in ("pirl", "npid", "supervised", "simclr", "moco"):
             assert convs[0][0]
         # the optimiser step on the gradients' device: SGD's foreach kernels (backward itself cannot run here)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=cfg.optim.momentum,
@@ -169,6 +178,9 @@ def training_step(cfg: PirlConfig, loader, batch: dict, mode: HostRealMode, auto
             p.grad = torch.zeros_like(p)
         optimizer.step()
         assert_on_cuda(*(optimizer.state[p]["momentum_buffer"] for p in net.parameters()))
+        if keys is not None:  # MoCo after the step: the key encoder's EMA, the keys into the queue
+            after_step(keys, net, losses)
+            assert_on_cuda(keys.queue, keys.pointer, *keys.encoder.parameters())
         for key in trainer.LOG_TERMS[cfg.method]:  # the window's running sums stay on the device
             assert_on_cuda(losses[key].detach().mean() * 0.5)
     return losses

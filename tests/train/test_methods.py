@@ -92,7 +92,7 @@ def test_a_view_the_method_cannot_learn_from_is_a_config_error(synthetic_shards,
     with pytest.raises(ConfigError, match=f"method={method} learns from the"):
         run(synthetic_shards, tmp_path, method, f"--data.recipe.jigsaw_view={view}")
     with pytest.raises(ConfigError, match="method must be one of"):
-        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--method=simclr"])
+        pirl.main([*tiny_overrides(synthetic_shards, tmp_path), "--method=byol"])
 
 
 def test_resuming_with_another_method_is_refused(synthetic_shards, tmp_path):
