@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pirl_trainer.model.permutations import max_hamming_permutations
-from pirl_trainer.pipelines.rng import PURPOSE_JIGSAW_LABEL, counter_words, derive_seed
+from pirl_trainer.common.rng import PURPOSE_JIGSAW_LABEL, counter_words, derive_seed
 
 NUM_ROTATIONS = 4  # 0, 90, 180, 270 degrees (Gidaris et al. 2018, section 2.2)
 
@@ -96,7 +96,7 @@ class RotationClassifier(PooledClassifier):
 def draw_permutation_ids(seed: int, step: int, index: torch.Tensor, k: int) -> torch.Tensor:
     """(B,) int64 in [0, k): the permutation id of each sample, a pure function of (seed, step, global index).
 
-    Counter-based (pipelines/rng.py), like train/pirl.py's patch_orders: a sample gets the same id whichever
+    Counter-based (common/rng.py), like train/pirl.py's patch_orders: a sample gets the same id whichever
     rank or batch holds it. Computed on index's device without a host sync; indexes must be non-negative.
     """
     if not 1 <= k <= 2**31:

@@ -4,7 +4,7 @@ Two kinds of draws of negatives, both without host synchronisation (no .item(), 
 - generator draws (`generator=`, or the global RNG): a per-rank stream, as the reference implementation;
 - counter draws (`seed=` and `step=`): draw k of the sample with global index i is a hash of (seed, step, i, k),
   so it depends neither on the rank nor on which other samples share the batch: 2 processes with batch B and
-  1 process with batch 2B draw the same negatives for the same sample. The hash is pipelines/rng.py's
+  1 process with batch 2B draw the same negatives for the same sample. The hash is common/rng.py's
   counter_uniform (32-bit words from int64 tensor ops, the same bits on every device).
 The bank (model/sharded_bank.py holds the sharded one) stores its rows in float32, bfloat16 or float16.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from pirl_trainer.model.losses import Negatives
-from pirl_trainer.pipelines.rng import (PURPOSE_BANK_INIT, PURPOSE_NEGATIVES, PURPOSE_SHARED_NEGATIVES, counter_words,
+from pirl_trainer.common.rng import (PURPOSE_BANK_INIT, PURPOSE_NEGATIVES, PURPOSE_SHARED_NEGATIVES, counter_words,
                           derive_seed)
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

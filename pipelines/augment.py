@@ -13,7 +13,7 @@ trained on (CUDA on a cluster, the CPU here), after the host->device copy, on wh
 `eval()` is the evaluation form: float conversion and normalisation only (bank initialisation, the probe).
 
 Randomness: every parameter of sample i in epoch e is a counter-based hash of (seed, e, i, slot)
-(pipelines.rng.counter_uniform), drawn on the host from the batch's `index` for the whole batch in a few
+(common.rng.counter_uniform), drawn on the host from the batch's `index` for the whole batch in a few
 tensor ops: independent of batch composition, rank, worker count and device. The blur has its own stream
 (rng.PURPOSE_BLUR), so every other draw is the same whatever the blur's settings.
 
@@ -37,7 +37,7 @@ from pirl_trainer.pipelines.photometric import (
     BRIGHTNESS, CONTRAST, HUE, JITTER_DRAWS, LUMA, NONE, SATURATION, Jitter, draw_jitter,
 )
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
+from pirl_trainer.common.rng import PURPOSE_AUGMENT, counter_uniform, derive_seed
 
 # Per view slot: the jitter's uniforms, then a flip coin and a rotation draw.
 _FLIP, _ROTATION = JITTER_DRAWS, JITTER_DRAWS + 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as NF
 
-from pirl_trainer.pipelines.rng import PURPOSE_BLUR, counter_uniform, derive_seed
+from pirl_trainer.common.rng import PURPOSE_BLUR, counter_uniform, derive_seed
 
 # Uniforms per sample: the image view's coin and sigma, then the second image view's.
 BLUR_DRAWS = 4

@@ -33,7 +33,7 @@ from pirl_trainer.pipelines.geometry import draw_sample_geometry
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.loader_front import open_loader
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
+from pirl_trainer.common.rng import PURPOSE_SAMPLE, generator_for
 from pirl_trainer.pipelines.sampler import epoch_batches
 from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 from pirl_trainer.pipelines.views import eval_size, jpeg_header

@@ -24,7 +24,7 @@ from pirl_trainer.pipelines.batched_resize import Crop, resized_crops
 from pirl_trainer.pipelines.geometry import draw_sample_geometry
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
+from pirl_trainer.common.rng import PURPOSE_SAMPLE, generator_for
 from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 from pirl_trainer.pipelines.views import eval_size, jpeg_header
 

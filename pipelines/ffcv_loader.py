@@ -55,7 +55,7 @@ from pirl_trainer.pipelines.geometry import dct_reduction, draw_sample_geometry
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.loader_front import open_loader, resolve_pin_memory
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.rng import PURPOSE_SAMPLE, generator_for
+from pirl_trainer.common.rng import PURPOSE_SAMPLE, generator_for
 from pirl_trainer.pipelines.shard_index import MANIFEST_NAME, read_manifest
 from pirl_trainer.pipelines.views import check_pixels, eval_size
 

@@ -27,7 +27,7 @@ class LoaderArgs:
     num_workers: int  # the backend's workers (processes or threads); 0 = the main process
     rank: int = 0  # this process among world_size (a single process by default)
     world_size: int = 1
-    seed: int = 0  # every draw is a function of (seed, epoch, global index): pipelines/rng.py
+    seed: int = 0  # every draw is a function of (seed, epoch, global index): common/rng.py
     mode: str = "pretrain"  # "pretrain": shuffled epochs of both views; "eval": identity order, centre crop
     with_geometry: bool = False  # add what the loader drew (pipelines/batch.py GEOMETRY_KEYS); pretrain only
 

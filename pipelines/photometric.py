@@ -4,7 +4,7 @@ torchvision's ColorJitter semantics: with probability jitter_p, brightness / con
 ~ U[max(0, 1 - s), 1 + s] and a hue shift ~ U[-h, h], applied in a random order (an op of strength 0 is
 skipped); then grayscale (3 identical channels) with probability grayscale_p.
 
-`draw_jitter` turns uniforms (from pipelines.rng.counter_uniform) into a `Jitter` of tensors; the batched stage
+`draw_jitter` turns uniforms (from common.rng.counter_uniform) into a `Jitter` of tensors; the batched stage
 (pipelines/augment.py) applies it to whole batches, `apply_photometric` applies one view's plan with
 torchvision.transforms.v2.functional: the reference the batched stage is tested against and benchmarked with.
 """

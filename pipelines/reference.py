@@ -23,7 +23,7 @@ from pirl_trainer.pipelines.epoch_loader import EpochLoader
 from pirl_trainer.pipelines.device_decode import EncodedDataset, collate_encoded, decode_and_cut, decode_device_of
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.loader_front import open_loader, resolve_pin_memory
-from pirl_trainer.pipelines.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
+from pirl_trainer.common.rng import PURPOSE_LOADER, PURPOSE_SAMPLE, derive_seed, generator_for
 from pirl_trainer.pipelines.shard_index import SampleTable, ShardReader
 from pirl_trainer.pipelines.views import eval_view, pretrain_views
 

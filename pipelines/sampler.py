@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from pirl_trainer.pipelines.rng import PURPOSE_PERMUTATION, generator_for
+from pirl_trainer.common.rng import PURPOSE_PERMUTATION, generator_for
 
 
 def _check(num_samples: int, batch_size: int, world_size: int, rank: int) -> None:

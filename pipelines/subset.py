@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pirl_trainer.pipelines.rng import PURPOSE_SUBSET, counter_uniform, derive_seed
+from pirl_trainer.common.rng import PURPOSE_SUBSET, counter_uniform, derive_seed
 from pirl_trainer.pipelines.shard_format import MANIFEST_NAME, read_manifest, sample_names_file
 
 SHOWN = 5  # names quoted in an error about several of them

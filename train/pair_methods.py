@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from pirl_trainer.model.losses import moco_loss, nt_xent_loss
 from pirl_trainer.model.moco import MoCoNet, MomentumKeys, group_bounds, shuffle_order
-from pirl_trainer.pipelines.rng import PURPOSE_MOCO_SHUFFLE, counter_words, derive_seed
+from pirl_trainer.common.rng import PURPOSE_MOCO_SHUFFLE, counter_words, derive_seed
 from pirl_trainer.train.config import ConfigError, PirlConfig
 from pirl_trainer.train.ranks import gather_with_grad, global_index, pad_to
 

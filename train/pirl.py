@@ -26,7 +26,7 @@ from pirl_trainer.model.sharded_bank import ShardedMemoryBank
 from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
 from pirl_trainer.pipelines.augment import KERNEL_CHOICES, BatchAugment
 from pirl_trainer.pipelines.device_decode import DECODE_DEVICES
-from pirl_trainer.pipelines.rng import PURPOSE_HEADS, counter_uniform, derive_seed
+from pirl_trainer.common.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from pirl_trainer.pipelines.shard_index import data_files, verify_checksums
 from pirl_trainer.pipelines.subset import SubsetError, resolve_subset
 from pirl_trainer.train import checkpoint

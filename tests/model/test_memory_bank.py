@@ -9,7 +9,7 @@ from pirl_trainer.model.losses import Negatives, nce_loss, negative_similarities
 from pirl_trainer.model.memory_bank import (
     MemoryBank, bounded, counter_unit_rows, counter_words, draw_per_sample, draw_shared, negatives_key,
 )
-from pirl_trainer.pipelines.rng import counter_uniform
+from pirl_trainer.common.rng import counter_uniform
 
 
 @pytest.fixture(autouse=True)

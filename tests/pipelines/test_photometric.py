@@ -9,7 +9,7 @@ import torch
 from pirl_trainer.pipelines.augment import draw_params
 from pirl_trainer.pipelines.photometric import BRIGHTNESS, HUE, NONE, apply_photometric, draw_jitter
 from pirl_trainer.pipelines.recipe import PirlRecipe
-from pirl_trainer.pipelines.rng import counter_uniform
+from pirl_trainer.common.rng import counter_uniform
 
 N = 4000  # samples: 36,000 patch draws
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pirl_trainer.pipelines.rng import (PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words,
+from pirl_trainer.common.rng import (PURPOSE_HEADS, PURPOSE_JIGSAW_LABEL, PURPOSE_NEGATIVES, counter_words,
                                         derive_seed)
 from tests.train.conftest import tiny_overrides
 from pirl_trainer.train import checkpoint, pirl

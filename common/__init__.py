@@ -1,0 +1,1 @@
+"""What pipelines/ and model/ both use and neither owns: the counter-based random draws (rng.py)."""
