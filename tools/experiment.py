@@ -16,6 +16,17 @@ from pirl_trainer.train import checkpoint, linear_probe, pirl
 from pirl_trainer.train.config import PirlConfig
 
 PROTOCOLS = {"precise": True, "running": False}  # protocol name -> linear_probe's precise_bn
+METHOD_CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"
+
+
+def method_config(name: str) -> Path:
+    """train/configs/methods/NAME.yaml, the few keys a method sets on a shared recipe; ValueError naming the
+    shipped ones for another name."""
+    path = METHOD_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in METHOD_CONFIGS.glob("*.yaml"))
+        raise ValueError(f"no method config {name!r} in {METHOD_CONFIGS}; shipped: {', '.join(shipped)}")
+    return path
 
 
 def precise_bn_arg(precise: bool) -> str:

@@ -28,7 +28,6 @@ from pirl_trainer.tools.make_shards import build_shards
 from pirl_trainer.train.config import PirlConfig, load_config
 
 METHODS = ("pirl", "npid", "jigsaw", "rotation", "pirl_rotation", "supervised", "simclr", "moco")
-METHOD_DIR = Path(__file__).resolve().parent.parent / "train" / "configs" / "methods"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "imagenette_cpu.yaml"
 # ImageNet linear-probe top-1 (ResNet-50), kept beside ours in results.json. PIRL's Table 2 (best layer) for pirl,
 # npid, jigsaw and supervised. Its MoCo row (60.6) is MoCo v1; moco here is MoCo v2, whose paper (Chen, Fan, Girshick
@@ -64,7 +63,7 @@ def pretrain(method: str, config: Path, train: Path, out: Path, epochs: int, wor
     done = run_dir / "pretrain.json"
     if done.is_file():
         return json.loads(done.read_text())
-    result = experiment.pretrain([config, METHOD_DIR / f"{method}.yaml"], train, run_dir, epochs, workers, extra,
+    result = experiment.pretrain([config, experiment.method_config(method)], train, run_dir, epochs, workers, extra,
                                  announce=lambda command: print(f"\n== pretraining {method}: {command}", flush=True))
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result

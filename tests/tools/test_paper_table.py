@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pirl_trainer.tools import paper_table
+from pirl_trainer.tools import experiment, paper_table
 from pirl_trainer.tools.synthetic_data import write_synthetic
 from pirl_trainer.train import checkpoint, linear_probe
 
@@ -53,7 +53,9 @@ def test_the_table_compares_every_method_with_the_best_random_probe(tmp_path, ca
 def test_every_method_of_the_table_has_its_config_and_simclr_and_moco_are_among_them():
     assert {"simclr", "moco"} <= set(paper_table.METHODS)
     for method in paper_table.METHODS:
-        assert (paper_table.METHOD_DIR / f"{method}.yaml").is_file(), method
+        assert experiment.method_config(method).is_file(), method
+    with pytest.raises(ValueError, match="no method config 'byol'.*shipped: jigsaw, moco, npid, pirl"):
+        experiment.method_config("byol")
 
 
 @pytest.mark.slow

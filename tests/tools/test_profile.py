@@ -108,6 +108,28 @@ def test_decode_limit_keeps_the_faster_of_the_two_runs():
     assert limit["decoder"] == "a" and limit["samples_per_s_per_core"] == 40.0
 
 
+def test_step_compares_methods_side_by_side(shards, tmp_path, capsys):
+    """--methods layers each method's YAML on the same recipe and reports their img/s in one run."""
+    out = tmp_path / "methods.json"
+    overrides = [*tiny_overrides(shards, tmp_path / "run"), "--loss.moco_queue_size=8", "--loss.moco_bn_groups=2"]
+    argv = ["step", "--config", str(REPO / "train/configs/cpu_small.yaml"), *overrides, "--methods",
+            "pirl,simclr,moco", "--steps", "1", "--warmup", "1", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    runs = result["methods"]
+    assert list(runs) == ["pirl", "simclr", "moco"]
+    for method, run in runs.items():
+        assert run["steps"] == 1 and run["batch_size"] == 8 and run["img_per_s"] > 0, method
+        assert run["config"] == [str(REPO / "train/configs/cpu_small.yaml"),
+                                 str(REPO / f"train/configs/methods/{method}.yaml")]
+        assert result["relative"][method] == pytest.approx(run["img_per_s"] / runs["pirl"]["img_per_s"])
+    assert result["relative"]["pirl"] == 1.0
+    printed = capsys.readouterr().out
+    assert "x pirl" in printed and "simclr" in printed and "moco" in printed
+    assert main(["step", "--methods", "pirl,byol", *overrides]) == 2
+    assert "--methods: no method config 'byol'" in capsys.readouterr().err
+
+
 def test_step_profiles_every_phase(shards, tmp_path, capsys):
     out, trace, png, run = tmp_path / "step.json", tmp_path / "trace.json", tmp_path / "step.png", tmp_path / "run"
     argv = ["step", "--config", str(REPO / "train/configs/cpu_small.yaml"), *tiny_overrides(shards, run),

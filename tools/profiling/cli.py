@@ -3,6 +3,7 @@
     python tools/profile.py loaders --shards DIR [--backends reference] [--workers 1,2] [--decode-devices workers,cpu]
                                     [--json OUT] [--plot PNG]
     python tools/profile.py step --config train/configs/cpu_small.yaml --data.shards=DIR [--steps 10] [--trace T]
+                                 [--methods pirl,simclr,moco]
     python tools/profile.py probe --config train/configs/imagenette_cpu.yaml --data.shards=DIR --test-shards DIR2
                                   [--steps 10] [--warmup 2] [--json OUT]
     python tools/profile.py model --setting 32:64:32 --setting 64:64:24 [--arch resnet18] [--steps 4]
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a bar chart of the phases (PNG) here")
     p.add_argument("--trace", help="write the profiler's Chrome trace (JSON) here")
+    p.add_argument("--methods", help="comma-separated methods profiled one after the other in this run, each with "
+                   "train/configs/methods/METHOD.yaml layered on --config, their img/s side by side")
 
     p = sub.add_parser("probe", allow_abbrev=False, help="online linear evaluation's img/s against pretraining's",
                        epilog="Any other --section.key=value is a training-config override, as for train/pirl.py.")
@@ -137,6 +140,13 @@ def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
     _positive(args, "steps")
     if args.warmup < 0:
         raise UsageError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.methods:
+        if args.trace or args.plot:
+            raise UsageError("--methods compares img/s only: --trace and --plot profile one configuration")
+        result = step.compare_methods(args.config, parse_list(args.methods, "--methods"), overrides,
+                                      steps=args.steps, warmup=args.warmup)
+        print(step.methods_report(result))
+        return result
     result = step.profile_step(args.config, overrides, steps=args.steps, warmup=args.warmup, trace=args.trace)
     print(step.report(result))
     if args.plot:

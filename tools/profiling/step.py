@@ -48,7 +48,7 @@ class StepSynchronizer:
             machine.synchronize(self.device)
 
 
-def profile_step(config: str | None, overrides: list[str], *, steps: int, warmup: int,
+def profile_step(config: str | list[str] | None, overrides: list[str], *, steps: int, warmup: int,
                  trace: str | None = None) -> dict:
     from pirl_trainer.train.pirl import train  # imports accelerate: only this subcommand pays for it
 
@@ -81,6 +81,34 @@ def profile_step(config: str | None, overrides: list[str], *, steps: int, warmup
     if result["steps"] < steps:
         print(f"warning: the schedule ended after {result['steps']} of the {steps} profiled steps")
     return {"config": config, "overrides": list(overrides), **result, "device": machine.describe(device)}
+
+
+def compare_methods(config: str | None, methods: list[str], overrides: list[str], *, steps: int,
+                    warmup: int) -> dict:
+    """profile_step for each method in turn on the same recipe (`config`, then the method's YAML, then
+    `overrides`): every method's result and its img/s relative to the first's, measured in one run."""
+    from pirl_trainer.tools.experiment import method_config
+
+    try:
+        configs = {m: [*([config] if config else []), str(method_config(m))] for m in methods}
+    except ValueError as err:
+        raise UsageError(f"--methods: {err}") from None
+    runs = {}
+    for method, files in configs.items():
+        print(f"== {method}", flush=True)
+        runs[method] = profile_step(files, overrides, steps=steps, warmup=warmup)
+    first = runs[methods[0]]["img_per_s"]
+    return {"config": config, "overrides": list(overrides), "methods": runs,
+            "relative": {m: r["img_per_s"] / first for m, r in runs.items()}, "device": runs[methods[0]]["device"]}
+
+
+def methods_report(result: dict) -> str:
+    runs, first = result["methods"], next(iter(result["methods"]))
+    rows = [[m, r["img_per_s"], r["step_ms"], 100 * r["data_stall_share"], result["relative"][m]]
+            for m, r in runs.items()]
+    return "\n".join([f"{runs[first]['steps']} steps of batch {runs[first]['batch_size']} per method on "
+                      f"{result['device']}",
+                      table(["method", "img/s", "ms/step", "data stall %", f"x {first}"], rows)])
 
 
 def kernel_us_by_phase(events) -> dict[str, float]:
