@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from pirl_trainer.pipelines.shard_format import MANIFEST_NAME
@@ -54,6 +55,11 @@ def method_overrides(method: str, cfg: PirlConfig) -> list[str]:
         # negatives from their memory bank per query (loss.num_negatives), so that the contrastive methods differ in
         # their objective, not in how many negatives each query meets.
         return [f"--loss.moco_queue_size={cfg.loss.num_negatives}"]
+    if method == "simclr":
+        # SimCLR's appendix B.1: at small batches LARS does better with the rate 0.075 x sqrt(batch) than with 0.3 x
+        # batch / 256 (0.6 against 0.075 at batch 64); optim.lr is quoted at optim.reference_batch and scaled linearly
+        batch = cfg.data.batch_size
+        return [f"--optim.lr={0.075 * math.sqrt(batch) * 256 / batch:g}", "--optim.reference_batch=256"]
     return []
 
 

@@ -1,7 +1,9 @@
 """tools/paper_table.py end to end at toy scale: every method's run, both protocols' per-layer probes, the table."""
 import json
+import math
 
 import pytest
+from omegaconf import OmegaConf
 
 from pirl_trainer.tools import experiment, paper_table
 from pirl_trainer.tools.synthetic_data import write_synthetic
@@ -81,3 +83,6 @@ def test_the_table_has_simclr_and_moco_rows_with_mocos_queue_as_long_as_the_bank
     printed = capsys.readouterr().out
     assert "== pretraining simclr" in printed and "== pretraining moco" in printed
     assert "--loss.moco_queue_size" not in printed.split("== pretraining moco")[0]
+    # SimCLR's small-batch rate (its appendix B.1): 0.075 x sqrt(8) at TINY's batch of 8, quoted at batch 256
+    simclr = OmegaConf.load(out / "simclr" / "config.yaml")
+    assert simclr.optim.lr * 8 / simclr.optim.reference_batch == pytest.approx(0.075 * math.sqrt(8), rel=1e-5)
