@@ -134,12 +134,17 @@ def run_loaders(args: argparse.Namespace, _overrides: list[str]) -> dict:
     return result
 
 
-def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from pirl_trainer.tools.profiling import plots, step
-
+def _check_steps(args: argparse.Namespace) -> None:
+    """--steps > 0 and --warmup >= 0 (step and probe), or a UsageError naming the option."""
     _positive(args, "steps")
     if args.warmup < 0:
         raise UsageError(f"--warmup: must be >= 0, got {args.warmup}")
+
+
+def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
+    from pirl_trainer.tools.profiling import plots, step
+
+    _check_steps(args)
     if args.methods:
         if args.trace or args.plot:
             raise UsageError("--methods compares img/s only: --trace and --plot profile one configuration")
@@ -157,9 +162,7 @@ def run_step(args: argparse.Namespace, overrides: list[str]) -> dict:
 def run_probe(args: argparse.Namespace, overrides: list[str]) -> dict:
     from pirl_trainer.tools.profiling import probe
 
-    _positive(args, "steps")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup: must be >= 0, got {args.warmup}")
+    _check_steps(args)
     result = probe.profile_probe(args.config, overrides, args.test_shards, steps=args.steps, warmup=args.warmup)
     print(probe.report(result))
     return result
