@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pirl_trainer.model.losses import nt_xent_loss
 from pirl_trainer.train.ranks import gather_with_grad
+from tests.multiprocess import all_gather, run_on_ranks
 
 TAU = 0.3
 
@@ -120,43 +120,29 @@ class PairNet(torch.nn.Module):
         return embed(self.weight, view1), embed(self.weight, view2)
 
 
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    out = tensor.new_empty((WORLD * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor.contiguous())
-    return out
-
-
-def _worker(rank: int, store: str, out_dir: str) -> None:
+def _simclr_step(rank: int) -> dict:
     """The training loop's SimCLR step on this rank's share (train/pair_methods.py simclr_losses: padded to the
     loader's max_batch_size, gathered with gradients), weighted by its share, then DDP's gradient average."""
     from pirl_trainer.train.pair_methods import simclr_losses
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        x1, x2, weight = inputs()
-        net = PairNet(weight)
-        start, n = sum(SIZES[:rank]), SIZES[rank]
-        accelerator = SimpleNamespace(num_processes=WORLD, process_index=rank, gather=_gather)
-        cfg = SimpleNamespace(loss=SimpleNamespace(simclr_tau=TAU))
-        out = simclr_losses(cfg, net, x1[start:start + n], x2[start:start + n], torch.arange(start, start + n),
-                            nullcontext(), accelerator, max(SIZES) + 1)
-        share = n / sum(SIZES)
-        (out["loss"] * share * WORLD).backward()  # the training loop's weighting
-        grad = net.weight.grad.clone()
-        dist.all_reduce(grad)
-        grad /= WORLD  # DDP's gradient average
-        torch.save({"loss": out["loss"].detach(), "share": share, "grad": grad, "accuracy": out["accuracy"]},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    x1, x2, weight = inputs()
+    net = PairNet(weight)
+    start, n = sum(SIZES[:rank]), SIZES[rank]
+    accelerator = SimpleNamespace(num_processes=WORLD, process_index=rank, gather=all_gather)
+    cfg = SimpleNamespace(loss=SimpleNamespace(simclr_tau=TAU))
+    out = simclr_losses(cfg, net, x1[start:start + n], x2[start:start + n], torch.arange(start, start + n),
+                        nullcontext(), accelerator, max(SIZES) + 1)
+    share = n / sum(SIZES)
+    (out["loss"] * share * WORLD).backward()  # the training loop's weighting
+    grad = net.weight.grad.clone()
+    dist.all_reduce(grad)
+    grad /= WORLD  # DDP's gradient average
+    return {"loss": out["loss"].detach(), "share": share, "grad": grad, "accuracy": out["accuracy"]}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("nt_xent")
-    mp.spawn(_worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_simclr_step, WORLD, tmp_path_factory.mktemp("nt_xent"))
 
 
 @pytest.mark.slow  # two spawned processes importing the trainer: ~5 s on an idle 2-core machine

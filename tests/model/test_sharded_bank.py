@@ -10,13 +10,13 @@ of data-dependent ops.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pirl_trainer.model.losses import pirl_loss
 from pirl_trainer.model.memory_bank import MemoryBank
 from pirl_trainer.model.sharded_bank import ShardedMemoryBank
+from tests.multiprocess import run_on_ranks
 
 WORLD, B, K, DIM, ROWS, STEPS, INIT_SEED, SEED = 2, 6, 40, 16, 101, 5, 3, 9  # 101 rows: shards of 51 and 50
 LOSS = dict(kind="nce", log_z=2.0, num_data=ROWS, lam=0.5)
@@ -105,20 +105,13 @@ def _run(rank: int, dtype: torch.dtype) -> dict:
     return out
 
 
-def _worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        torch.save({name: _run(rank, dtype) for name, dtype in DTYPES.items()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _run_every_dtype(rank: int) -> dict:
+    return {name: _run(rank, dtype) for name, dtype in DTYPES.items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_run_every_dtype, WORLD, tmp_path_factory.mktemp("sharded"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

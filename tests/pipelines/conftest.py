@@ -9,6 +9,9 @@ from PIL import Image
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.tools.make_shards import build_shards
 
+# The backend tests' shared checks: their asserts rewritten like the tests' own, so that a failure shows the values.
+pytest.register_assert_rewrite("tests.pipelines.backend_checks")
+
 # 31 images over 3 classes: N is odd (uneven over 2 ranks) and the shards below hold unequal counts.
 CLASS_SIZES = (11, 10, 10)
 # Bytes per shard: with the 2-6 KB test JPEGs (plus tar headers) this gives 5 shards of 6-7 samples.

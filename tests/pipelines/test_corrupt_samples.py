@@ -11,12 +11,12 @@ import pytest
 import simplejpeg
 import torch
 
-from pirl_trainer import pipelines
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.epoch_loader import CorruptSamples
 from pirl_trainer.pipelines.jpeg_check import jpeg_problem
 from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 
+from .backend_checks import epoch, make_loader as make
 from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
@@ -132,28 +132,14 @@ def damaged(request, small_shards, tmp_path_factory):
     return backend, root / "data", small_shards, damage_shards(small_shards, root / "data", damages)
 
 
-def make(backend, data, recipe, **kw):
-    args = dict(batch_size=4, num_workers=0)
-    args.update(kw)
-    return pipelines.make_loader(backend, str(data), recipe, **args)
-
-
-def run_epoch(loader, e=0):
-    loader.set_epoch(e)
-    return list(loader)
-
-
-@pytest.mark.parametrize("mode", ["pretrain", "eval"])
-def test_corrupt_samples_are_left_out_and_the_rest_is_unchanged(damaged, small_recipe, mode, capsys):
-    backend, data, intact_data, where = damaged
-    loader = make(backend, data, small_recipe, mode=mode, with_geometry=mode == "pretrain", num_workers=2)
-    batches = run_epoch(loader, 1)
-    intact = run_epoch(make(backend, intact_data, small_recipe, mode=mode, with_geometry=mode == "pretrain"), 1)
+def assert_left_out_and_named(loader, batches, intact, where, err) -> None:
+    """`batches`, one epoch of `loader` over damaged data, against `intact`, the same epoch of the intact data: the
+    same number of steps, every sound sample once, the damaged ones (`where`: index -> file) counted in
+    loader.skipped and named in `err`, and every other sample's views unchanged."""
     assert len(batches) == len(loader)  # the same number of steps
     seen = torch.cat([b[B.INDEX] for b in batches]).tolist()
     assert sorted(seen) == sorted(set(range(N)) - set(where))
     assert sorted(loader.skipped) == sorted(where)
-    err = capsys.readouterr().err
     for i in where:
         assert f"skipped {where[i]} sample {i:09d}" in err
     # Every other sample keeps its views: they depend on (seed, epoch, index) alone.
@@ -164,10 +150,29 @@ def test_corrupt_samples_are_left_out_and_the_rest_is_unchanged(damaged, small_r
             assert torch.equal(got[key].cpu(), full[key][keep].cpu()), key
 
 
+def assert_each_damage_is_named(loader, where) -> None:
+    """With no corrupt sample allowed, the step of each damaged sample of `loader` (eval mode: identity order) stops
+    with an error naming its file (`where`: index -> file), its index and its damage."""
+    for i in where:
+        loader.max_skipped_per_epoch = 0
+        loader.set_epoch(0, start_step=i // loader.batch_size)
+        with pytest.raises(CorruptSamples, match=rf"{where[i]} sample {i:09d}: .*{REASONS[i]}"):
+            list(loader)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "eval"])
+def test_corrupt_samples_are_left_out_and_the_rest_is_unchanged(damaged, small_recipe, mode, capsys):
+    backend, data, intact_data, where = damaged
+    loader = make(backend, data, small_recipe, mode=mode, with_geometry=mode == "pretrain", num_workers=2)
+    batches = epoch(loader, 1)
+    intact = epoch(make(backend, intact_data, small_recipe, mode=mode, with_geometry=mode == "pretrain"), 1)
+    assert_left_out_and_named(loader, batches, intact, where, capsys.readouterr().err)
+
+
 def test_two_ranks_keep_equal_steps_and_every_sound_sample_once(damaged, small_recipe):
     backend, data, _, where = damaged
     loaders = [make(backend, data, small_recipe, rank=r, world_size=2, batch_size=3) for r in range(2)]
-    epochs = [run_epoch(loader, 2) for loader in loaders]
+    epochs = [epoch(loader, 2) for loader in loaders]
     assert len(epochs[0]) == len(epochs[1]) == len(loaders[0])
     seen = torch.cat([b[B.INDEX] for e in epochs for b in e]).tolist()
     assert sorted(seen) == sorted(set(range(N)) - set(where))
@@ -183,17 +188,12 @@ def test_past_the_limit_the_error_names_the_file_and_the_sample(damaged, small_r
                                              r"epoch 0 on rank 0, more than max_skipped_per_epoch = 2"):
         list(loader)
     loader.max_skipped_per_epoch = len(where)
-    assert len(run_epoch(loader)) == len(loader)  # the count starts again with every epoch
+    assert len(epoch(loader)) == len(loader)  # the count starts again with every epoch
 
 
 def test_each_damage_is_named(damaged, small_recipe):
     backend, data, _, where = damaged
-    loader = make(backend, data, small_recipe, mode="eval", batch_size=8)
-    for i in where:
-        loader.max_skipped_per_epoch = 0
-        loader.set_epoch(0, start_step=i // 8)
-        with pytest.raises(CorruptSamples, match=rf"{where[i]} sample {i:09d}: .*{REASONS[i]}"):
-            list(loader)
+    assert_each_damage_is_named(make(backend, data, small_recipe, mode="eval", batch_size=8), where)
 
 
 def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(damaged, small_recipe):

@@ -10,6 +10,7 @@ from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.batch import check_loader_batch
 from pirl_trainer.pipelines.dali_options import DaliOptions
 
+from .backend_checks import assert_same_crops_close_pixels, epoch, mad_per_view, make_loader
 from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
@@ -31,21 +32,10 @@ def dali():
 
 
 def make(backend, shards, recipe, **kw):
-    args = dict(batch_size=4, num_workers=0)
-    args.update(kw)
+    """backend_checks.make_loader, DALI decoding on the CPU unless `kw` gives other options."""
     if backend == "dali":
-        args.setdefault("options", CPU)
-    return pipelines.make_loader(backend, str(shards), recipe, **args)
-
-
-def epoch(loader, e, start_step=0):
-    loader.set_epoch(e, start_step)
-    return list(loader)
-
-
-def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., 3): mean absolute difference of each view (image or tile), per channel."""
-    return (a.float() - b.float()).abs().mean(dim=(-2, -1))
+        kw.setdefault("options", CPU)
+    return make_loader(backend, shards, recipe, **kw)
 
 
 @pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw", "image"])
@@ -53,14 +43,7 @@ def test_same_crops_as_the_reference_and_close_pixels(dali, small_shards, small_
     recipe = dataclasses.replace(small_recipe, jigsaw_view=view, reduced_decoding=False)
     dali = epoch(make("dali", small_shards, recipe, with_geometry=True, batch_size=5), 2)
     ref = epoch(make("reference", small_shards, recipe, with_geometry=True, batch_size=5), 2)
-    assert len(dali) == len(ref)
-    for a, b in zip(dali, ref):
-        check_loader_batch(a, recipe, labelled=True)
-        assert set(a) == set(b)
-        for key in (B.INDEX, B.LABEL, *B.GEOMETRY_KEYS):  # same samples, same drawn geometry
-            assert torch.equal(a[key], b[key]), key
-        for key in (B.IMAGE, B.PATCHES):
-            assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_SYNTHETIC).all(), key
+    assert_same_crops_close_pixels(dali, ref, recipe, MAD_BOUND_SYNTHETIC)
 
 
 def test_eval_mode_matches_the_reference(dali, small_shards, small_recipe):

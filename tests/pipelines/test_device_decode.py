@@ -13,13 +13,14 @@ from pirl_trainer.pipelines.batch import check_loader_batch
 from pirl_trainer.pipelines.batched_resize import Crop, plan_chunks, resize_weights, resized_crops
 from pirl_trainer.pipelines.device_decode import (EncodedDataset, collate_encoded, cut_patch_batch, cut_views,
                                                   decode_batch)
-from pirl_trainer.pipelines.epoch_loader import CorruptSamples
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.pipelines.reference import MainProcessDecodeLoader
 
 from tests.train.conftest import synthetic_shards, tiny_overrides  # noqa: F401  (a fixture)
+from .backend_checks import assert_same_crops_close_pixels, epoch, mad_per_view, make_loader
 from .conftest import CLASS_SIZES
-from .test_corrupt_samples import DAMAGE, REASONS, UNDECODABLE, damage_shards
+from .test_corrupt_samples import (DAMAGE, UNDECODABLE, assert_each_damage_is_named, assert_left_out_and_named,
+                                   damage_shards)
 from .test_real_data import imagenet_sample_shards  # noqa: F401  (a fixture)
 
 N = sum(CLASS_SIZES)
@@ -39,19 +40,8 @@ MEAN_BOUND_REDUCED, WORST_BOUND_REDUCED = 2.0, 8.0
 
 
 def make(shards, recipe, **kw):
-    args = dict(batch_size=4, num_workers=0, decode_device="cpu")
-    args.update(kw)
-    return pipelines.make_loader("reference", str(shards), recipe, **args)
-
-
-def epoch(loader, e=0, start_step=0):
-    loader.set_epoch(e, start_step)
-    return list(loader)
-
-
-def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., 3): mean absolute difference of each view (image or tile), per channel."""
-    return (a.float() - b.float()).abs().mean(dim=(-2, -1))
+    """The reference backend decoding in the main process on the CPU, unless `kw` says otherwise."""
+    return make_loader("reference", shards, recipe, **{"decode_device": "cpu", **kw})
 
 
 def torch_weights(in_size: int, out_size: int) -> torch.Tensor:
@@ -135,19 +125,7 @@ def check_against_reference(shards, recipe, bound, **kw):
     view's per-channel differences (image, patches)."""
     ours = epoch(make(shards, recipe, with_geometry=True, **kw), 2)
     ref = epoch(make(shards, recipe, with_geometry=True, decode_device="workers", **kw), 2)
-    assert len(ours) == len(ref)
-    diffs = {B.IMAGE: [], B.PATCHES: []}
-    for a, b in zip(ours, ref):
-        check_loader_batch(a, recipe, labelled=True)
-        assert set(a) == set(b)
-        for key in (B.INDEX, B.LABEL, *B.GEOMETRY_KEYS):
-            assert torch.equal(a[key], b[key]), key
-        for key in diffs:
-            diffs[key].append(mad_per_view(a[key], b[key]).reshape(-1, 3))
-    diffs = {k: torch.cat(v) for k, v in diffs.items()}
-    for key, d in diffs.items():
-        assert d.max() <= bound, (key, d.max())
-    return diffs
+    return assert_same_crops_close_pixels(ours, ref, recipe, bound)
 
 
 def test_full_recipe_matches_the_reference_on_small_jpegs(small_shards):
@@ -233,27 +211,12 @@ def test_corrupt_samples_are_left_out_counted_and_named(damaged_shards, small_sh
     loader = make(data, small_recipe, mode=mode, with_geometry=mode == "pretrain", num_workers=2)
     batches = epoch(loader, 1)
     intact = epoch(make(small_shards, small_recipe, mode=mode, with_geometry=mode == "pretrain"), 1)
-    assert len(batches) == len(loader)
-    assert sorted(torch.cat([b[B.INDEX] for b in batches]).tolist()) == sorted(set(range(N)) - set(where))
-    assert sorted(loader.skipped) == sorted(where)
-    err = capsys.readouterr().err
-    for i in where:
-        assert f"skipped {where[i]} sample {i:09d}" in err
-    for got, full in zip(batches, intact, strict=True):  # every other sample keeps its views
-        keep = ~torch.isin(full[B.INDEX], torch.tensor(list(where)))
-        assert sorted(got) == sorted(full)
-        for key in got:
-            assert torch.equal(got[key], full[key][keep]), key
+    assert_left_out_and_named(loader, batches, intact, where, capsys.readouterr().err)
 
 
 def test_each_damage_is_named_past_the_limit(damaged_shards, small_recipe):
     data, where = damaged_shards
-    loader = make(data, small_recipe, mode="eval", batch_size=8)
-    for i in where:
-        loader.max_skipped_per_epoch = 0
-        loader.set_epoch(0, start_step=i // 8)
-        with pytest.raises(CorruptSamples, match=rf"{where[i]} sample {i:09d}: .*{REASONS[i]}"):
-            list(loader)
+    assert_each_damage_is_named(make(data, small_recipe, mode="eval", batch_size=8), where)
 
 
 def test_a_failed_batched_decode_falls_back_to_one_image_at_a_time(damaged_shards, small_recipe):

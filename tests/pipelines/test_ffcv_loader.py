@@ -12,6 +12,7 @@ from pirl_trainer import pipelines
 from pirl_trainer.pipelines import batch as B
 from pirl_trainer.pipelines.batch import check_loader_batch
 
+from .backend_checks import assert_same_crops_close_pixels, epoch, mad_per_view, make_loader as make
 from .conftest import CLASS_SIZES
 
 N = sum(CLASS_SIZES)
@@ -41,35 +42,12 @@ def small_beton(ffcv, small_shards, tmp_path_factory):
     return out
 
 
-def make(backend, data, recipe, **kw):
-    args = dict(batch_size=4, num_workers=0)
-    args.update(kw)
-    return pipelines.make_loader(backend, str(data), recipe, **args)
-
-
-def epoch(loader, e, start_step=0):
-    loader.set_epoch(e, start_step)
-    return list(loader)
-
-
-def mad_per_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., 3): mean absolute difference of each view (image or tile), per channel."""
-    return (a.float() - b.float()).abs().mean(dim=(-2, -1))
-
-
 @pytest.mark.parametrize("view", ["jigsaw", "rotation", "rotation_jigsaw", "image"])
 def test_same_crops_as_the_reference_and_close_pixels(small_beton, small_shards, small_recipe, view):
     recipe = dataclasses.replace(small_recipe, jigsaw_view=view)
     ffcv = epoch(make("ffcv", small_beton, recipe, with_geometry=True, batch_size=5), 2)
     ref = epoch(make("reference", small_shards, recipe, with_geometry=True, batch_size=5), 2)
-    assert len(ffcv) == len(ref)
-    for a, b in zip(ffcv, ref):
-        check_loader_batch(a, recipe, labelled=True)
-        assert set(a) == set(b)
-        for key in (B.INDEX, B.LABEL, *B.GEOMETRY_KEYS):  # same samples, same drawn geometry
-            assert torch.equal(a[key], b[key]), key
-        for key in (B.IMAGE, B.PATCHES):
-            assert (mad_per_view(a[key], b[key]) <= MAD_BOUND_SYNTHETIC).all(), key
+    assert_same_crops_close_pixels(ffcv, ref, recipe, MAD_BOUND_SYNTHETIC)
 
 
 def test_eval_mode_matches_the_reference(small_beton, small_shards, small_recipe):

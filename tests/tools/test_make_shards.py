@@ -11,46 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.tools import image_factory as make
+from tests.tools.conftest import SHARD_SIZE
 from pirl_trainer.tools.make_shards import OutputNotEmptyError, build_shards, main, verify_shards
 from pirl_trainer.pipelines.shard_format import decode_int64, read_manifest as load_manifest, shard_files
 from pirl_trainer.tools.sharding.shard_writer import ShardWriter
-
-SHARD_SIZE = 20_000  # a few generated samples per shard, so that shard boundaries are exercised
-
-
-def build_tree(root: Path) -> dict:
-    """A folder tree with every kind of bad input next to good and convertible images.
-    Returns the expected kept files in input order (path, label, original bytes or None when re-encoded)."""
-    files = {
-        "README.txt": make.TEXT,  # stray file outside any class folder
-        "a_good/1.jpg": make.rgb_jpeg(seed=1),
-        "a_good/2.jpg": make.grey_jpeg(),
-        "a_good/3.jpg": make.rgb_jpeg(48, 32, seed=3, orientation=6),
-        "a_good/.DS_Store": make.DS_STORE,
-        "a_good/notes.txt": make.TEXT,
-        "a_good/zero.jpg": b"",
-        "a_good/trunc.jpg": make.truncated(make.rgb_jpeg(200, 150)),
-        "a_good/header.jpg": make.header_only(make.rgb_jpeg()),
-        "a_good/html.jpg": make.HTML_PAGE,
-        "a_good/bomb.png": make.png_bomb(100_000, 100_000),
-        "a_good/bomb2.jpg": make.jpeg_bomb(),
-        "c_convert/alpha.png": make.rgba_png(),
-        "c_convert/big.jpg": make.rgb_jpeg(130, 70, seed=4),
-        "c_convert/cmyk.jpg": make.cmyk_jpeg(),
-        "c_convert/pal.gif": make.palette_gif(),
-    }
-    files.update({f"d_more/{i:02d}.jpg": make.rgb_jpeg(seed=10 + i) for i in range(6)})
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    (root / "b_empty").mkdir()
-    (root / "a_good" / "link.jpg").symlink_to(root / "nowhere.jpg")  # unreadable path
-    kept = [("a_good/1.jpg", 0, True), ("a_good/2.jpg", 0, True), ("a_good/3.jpg", 0, False)]
-    kept += [(f"c_convert/{n}", 2, n == "big.jpg") for n in ["alpha.png", "big.jpg", "cmyk.jpg", "pal.gif"]]
-    kept += [(f"d_more/{i:02d}.jpg", 3, True) for i in range(6)]
-    return {"kept": [(root / p, label, files[p] if same else None) for p, label, same in kept]}
-
 
 def read_shards(out: Path) -> list[list[dict]]:
     """Every sample of every shard, as {ext: bytes} plus its key, in tar order."""
@@ -68,17 +32,9 @@ def read_shards(out: Path) -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree")
-    return root, build_tree(root)
-
-
-@pytest.fixture(scope="module")
-def built(tree, tmp_path_factory):
-    root, expected = tree
-    out = tmp_path_factory.mktemp("built") / "shards"
-    manifest = build_shards(root, out, workers=0, shard_size=SHARD_SIZE)
-    return out, manifest, expected
+def built(tree_shards, tree):
+    """(shard folder, manifest, the tree's expected kept files)."""
+    return (*tree_shards, tree[1])
 
 
 def test_manifest_counts_and_skips(built, tree):

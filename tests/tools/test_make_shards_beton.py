@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
-from tests.tools.test_make_shards import build_tree
-from pirl_trainer.tools.make_shards import build_shards, main
+from tests.tools.conftest import SHARD_SIZE
+from pirl_trainer.tools.make_shards import main
 from pirl_trainer.pipelines.shard_format import read_manifest as load_manifest
 
 pytest.importorskip("ffcv")
@@ -18,8 +18,6 @@ pytest.importorskip("ffcv")
 from pirl_trainer.tools.sharding.beton import (  # noqa: E402  (needs ffcv)
     BETON_NAME, MODE_JPG, MODE_RAW, build_beton, read_beton, verify_beton,
 )
-
-SHARD_SIZE = 20_000  # several shards, as in test_make_shards
 
 
 def shard_triples(shard_dir: Path) -> list[tuple[int, int | None, bytes]]:
@@ -38,25 +36,13 @@ def beton_triples(out: Path) -> list[tuple[int, int | None, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree")
-    return root, build_tree(root)
-
-
-@pytest.fixture(scope="module")
-def shards(tree, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wds") / "shards"
-    return out, build_shards(tree[0], out, workers=0, shard_size=SHARD_SIZE)
-
-
-@pytest.fixture(scope="module")
 def from_folder(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("beton") / "beton"
     return out, build_beton(tree[0], out, workers=0, shard_size=SHARD_SIZE)
 
 
-def test_folder_input_gives_the_webdataset_checks_idx_labels_and_manifest(from_folder, shards):
-    (out, manifest), (wds, wds_manifest) = from_folder, shards
+def test_folder_input_gives_the_webdataset_checks_idx_labels_and_manifest(from_folder, tree_shards):
+    (out, manifest), (wds, wds_manifest) = from_folder, tree_shards
     assert sorted(os.listdir(out)) == [BETON_NAME, "manifest.json", "sample_names.txt"]  # the temporary shards are gone
     assert manifest["format"] == "beton" and manifest["shards"] == []
     same = ("num_samples", "labelled", "classes", "num_skipped", "skipped_by_reason", "reencoded", "source")
@@ -70,8 +56,8 @@ def test_folder_input_gives_the_webdataset_checks_idx_labels_and_manifest(from_f
     assert verify_beton(out).ok
 
 
-def test_converting_webdataset_shards_keeps_every_triple(shards, tmp_path):
-    wds, wds_manifest = shards
+def test_converting_webdataset_shards_keeps_every_triple(tree_shards, tmp_path):
+    wds, wds_manifest = tree_shards
     manifest = build_beton(wds, tmp_path / "beton", workers=2)
     assert beton_triples(tmp_path / "beton") == shard_triples(wds)
     digest = hashlib.sha256((wds / "manifest.json").read_bytes()).hexdigest()
@@ -80,10 +66,10 @@ def test_converting_webdataset_shards_keeps_every_triple(shards, tmp_path):
     assert verify_beton(tmp_path / "beton").ok
 
 
-def test_samples_stored_raw_hold_the_reference_decode(shards, tmp_path):
+def test_samples_stored_raw_hold_the_reference_decode(tree_shards, tmp_path):
     from pirl_trainer.pipelines.views import decode
 
-    wds = shards[0]
+    wds = tree_shards[0]
     manifest = build_beton(wds, tmp_path / "beton", workers=1, compress_probability=0.5)
     stored = manifest["beton"]["stored"]
     assert stored["raw"] > 0 and stored["jpg"] > 0 and sum(stored.values()) == 13
@@ -115,7 +101,7 @@ def test_verify_finds_changed_bytes_and_stray_files(from_folder, tmp_path):
     assert main(["--verify", str(out)]) == 1
 
 
-def test_command_line(tree, shards, tmp_path, capsys):
+def test_command_line(tree, tree_shards, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["--input", str(tree[0]), "--output", str(out), "--workers", "0", "--no-progress", "--format", "beton"]
     assert main(args) == 0
@@ -125,14 +111,14 @@ def test_command_line(tree, shards, tmp_path, capsys):
     with pytest.raises(SystemExit):  # --compress-probability is a beton option
         main(["--input", str(tree[0]), "--output", str(tmp_path / "x"), "--compress-probability", "0.5"])
     # A shard folder is converted as stored: re-encoding options do not apply to it.
-    assert main(["--input", str(shards[0]), "--output", str(tmp_path / "y"), "--format", "beton",
+    assert main(["--input", str(tree_shards[0]), "--output", str(tmp_path / "y"), "--format", "beton",
                  "--max-side", "64"]) == 2
     assert "--max-side" in capsys.readouterr().err
 
 
-def test_shards_that_fail_verification_are_not_converted(shards, tmp_path):
+def test_shards_that_fail_verification_are_not_converted(tree_shards, tmp_path):
     wds = tmp_path / "wds"
-    shutil.copytree(shards[0], wds)
+    shutil.copytree(tree_shards[0], wds)
     first = sorted(wds.glob("*.tar"))[0]
     data = bytearray(first.read_bytes())
     data[700] ^= 0xFF
@@ -142,7 +128,7 @@ def test_shards_that_fail_verification_are_not_converted(shards, tmp_path):
 
 
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch must reach FFCV's writer processes")
-def test_a_sample_failing_in_the_writer_fails_the_conversion(shards, tmp_path, monkeypatch):
+def test_a_sample_failing_in_the_writer_fails_the_conversion(tree_shards, tmp_path, monkeypatch):
     """FFCV's writer would wait forever for a sample whose process raised: the error is reported instead."""
     from pirl_trainer.tools.sharding import beton
 
@@ -151,7 +137,7 @@ def test_a_sample_failing_in_the_writer_fails_the_conversion(shards, tmp_path, m
 
     monkeypatch.setattr(beton._StoredImages, "_image", staticmethod(broken))
     with pytest.raises(ValueError, match=r"13 sample\(s\) could not be converted, e.g. .* sample 0+\d+: OSError: disk"):
-        build_beton(shards[0], tmp_path / "beton", workers=2)
+        build_beton(tree_shards[0], tmp_path / "beton", workers=2)
     assert os.listdir(tmp_path / "beton") == []
 
 

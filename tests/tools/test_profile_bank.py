@@ -71,9 +71,6 @@ def test_bank_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_bank_help(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["bank", "--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
+def test_bank_help(profile_help):
+    out = profile_help("bank")
     assert "--negatives" in out and "--dtype" in out

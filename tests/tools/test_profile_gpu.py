@@ -189,9 +189,6 @@ def test_gpu_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
-def test_gpu_help(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["gpu", "--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
+def test_gpu_help(profile_help):
+    out = profile_help("gpu")
     assert "--cpu-smoke" in out and "--parts" in out

@@ -9,7 +9,7 @@ from pirl_trainer.pipelines.shard_index import ShardReader, build_sample_table
 from pirl_trainer.pipelines.subset import sample_names
 from pirl_trainer.tools.make_shards import build_shards, main, verify_shards
 from tests.tools import image_factory as make
-from tests.tools.test_make_shards import SHARD_SIZE, build_tree
+from tests.tools.conftest import SHARD_SIZE, build_tree
 
 NAMES = "sample_names.txt"
 
