@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pirl_trainer.model.covariant import CovariantNet, draw_permutation_ids
+from pirl_trainer.model.covariant import CovariantNet, classification_loss, draw_permutation_ids
 from pirl_trainer.model.heads import HEAD_NORMS
 from pirl_trainer.model.moco import MoCoNet
 from pirl_trainer.model.pirl import PIRLNet
@@ -154,3 +154,14 @@ def covariant_target(cfg: PirlConfig, step: int, epoch: int, index: torch.Tensor
     if cfg.method == "jigsaw":
         return draw_permutation_ids(cfg.run.seed, step, index, cfg.model.num_permutations)
     return draw_params(cfg.data.recipe, cfg.run.seed, epoch, index.cpu()).view_rotation.to(index.device)
+
+
+def covariant_losses(cfg: PirlConfig, net: nn.Module, image: torch.Tensor, patches: torch.Tensor,
+                     index: torch.Tensor, label: torch.Tensor | None, step: int, epoch: int, autocast) -> dict:
+    """The step of jigsaw / rotation / supervised up to the loss: the classifier's logits of the view it reads
+    (supervised: the image view, the others: It's patches) against covariant_target; `loss` and `accuracy`."""
+    target = covariant_target(cfg, step, epoch, index, label)
+    views = image[:, None] if cfg.method == "supervised" else patches  # supervised: the image view
+    with autocast:
+        logits = net(views, target if cfg.method == "jigsaw" else None)
+    return classification_loss(logits, target)

@@ -39,11 +39,12 @@ from pirl_trainer.pipelines.augment import BatchAugment
 from pirl_trainer.pipelines.class_index import check_same_classes
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.train import checkpoint
+from pirl_trainer.train.checkpoint import check_resume_data, load_resume_state
 from pirl_trainer.train.config import ConfigError, to_dict, to_yaml
 from pirl_trainer.train.classifier_eval import topk_correct
 from pirl_trainer.train.linear_probe import (ProbeConfig, check_layers, eval_images, eval_loader, load_trunk,
                                              probe_result, report, stage_dims, stage_features)
-from pirl_trainer.train.pirl import check_resume_data, load_resume_state, next_batch, to_device
+from pirl_trainer.train.pirl import next_batch, to_device
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.run_log import RunLog
 from pirl_trainer.train.schedule import scaled_lr, step_lr_factor

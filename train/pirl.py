@@ -7,7 +7,6 @@ ones skip the bank, simclr and moco (train/pair_methods.py) have their own negat
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,12 +18,11 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from pirl_trainer import pipelines
-from pirl_trainer.model.covariant import classification_loss
 from pirl_trainer.model.losses import negative_similarities, pirl_loss
-from pirl_trainer.model.memory_bank import MemoryBank, check_num_negatives
+from pirl_trainer.model.memory_bank import MemoryBank
 from pirl_trainer.model.sharded_bank import ShardedMemoryBank
 from pirl_trainer.model.sync_batchnorm import convert_sync_batchnorm
-from pirl_trainer.pipelines.augment import KERNEL_CHOICES, BatchAugment
+from pirl_trainer.pipelines.augment import BatchAugment
 from pirl_trainer.pipelines.device_decode import DECODE_DEVICES
 from pirl_trainer.common.rng import PURPOSE_HEADS, counter_uniform, derive_seed
 from pirl_trainer.pipelines.shard_index import data_files, verify_checksums
@@ -33,7 +31,8 @@ from pirl_trainer.train import checkpoint
 from pirl_trainer.train.classifier_eval import ClassifierEval, due
 from pirl_trainer.train.config import ConfigError, PirlConfig, config_from_cli, to_dict, to_yaml
 from pirl_trainer.train.knn_monitor import KnnMonitor
-from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, check_method, covariant_target, init_trunk,
+from pirl_trainer.train.log_window import LogWindow, NonFiniteLoss, ProgressLine  # noqa: F401 (raised by train())
+from pirl_trainer.train.methods import (CONTRASTIVE, LOG_TERMS, build_net, covariant_losses, init_trunk,
                                        unused_parameters)
 from pirl_trainer.train.optimizers import build_optimizer
 from pirl_trainer.train.pair_methods import PAIR_METHODS, after_step, build_momentum_keys, pair_losses
@@ -41,10 +40,7 @@ from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
 from pirl_trainer.train.run_log import RunLog
 from pirl_trainer.train.schedule import lr_factor, scaled_lr, step_lr_factor
-
-
-BANK_KINDS = ("replicated", "sharded")
-BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from pirl_trainer.train.validation import BANK_DTYPES, check_config, check_negatives
 
 
 def build_bank(cfg: PirlConfig, num_rows: int, device: torch.device):
@@ -111,34 +107,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "patches", "label")}
     out["index"] = batch["index"]
     return out
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Training produced a NaN or infinite loss; the message names the steps, the terms and the last checkpoint."""
-
-    def __init__(self, terms: dict, first: int, last: int, out_dir: Path):
-        bad = ", ".join(f"{k} = {float(v):g}" for k, v in terms.items()
-                        if k.startswith("loss") and not math.isfinite(float(v)))
-        steps = f"step {last}" if first >= last else f"steps {first}-{last}"
-        latest = checkpoint.latest_checkpoint(out_dir)
-        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        super().__init__(
-            f"non-finite loss in {steps} ({bad}; the forward pass and the loss, before the optimiser step): "
-            f"training stopped; {kept}. Lower optim.lr, or try run.bf16=false"
-        )
-
-
-def window_sums(accelerator: Accelerator, window: dict, device: torch.device) -> dict[str, float]:
-    """The log window's per-term sums over every rank (one all-reduce and one host sync)."""
-    sums = accelerator.reduce(torch.stack([torch.as_tensor(v, device=device) for v in window.values()]), "sum")
-    return dict(zip(window, sums.tolist()))
-
-
-def check_finite(sums: dict[str, float], first: int, last: int, out_dir: Path) -> None:
-    """Raise NonFiniteLoss when a term of the steps first..last was not finite. Every rank sees the same sums
-    (window_sums), so every rank stops; called before every checkpoint too, so none holds NaN weights."""
-    if not all(math.isfinite(v) for v in sums.values()):
-        raise NonFiniteLoss(sums, first, last, out_dir)
 
 
 def verify_data(shard_dir: str, accelerator: Accelerator) -> None:
@@ -230,28 +198,112 @@ def next_batch(batches) -> tuple[dict | None, float]:
     return batch, time.perf_counter() - wait_start
 
 
-def load_resume_state(resume: str, out_dir: Path) -> tuple[Path, dict]:
-    """--resume's checkpoint (a path, or "latest": the newest in out_dir) and its loaded state."""
-    path = checkpoint.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / checkpoint.CHECKPOINT_DIR}")
-    return path, checkpoint.load(path)
+def model_batch(batch: dict, augment: BatchAugment, epoch: int, device: torch.device,
+                channels_last: bool) -> tuple[dict, torch.Tensor]:
+    """The loader batch on the training device through the batched stage (the to_device and augment phases): the
+    float model batch, its image view in channels_last where run.channels_last, and its global indexes on the
+    device (`index` of the batch stays on the host)."""
+    with record_function("to_device"):
+        batch = to_device(batch, device)
+        index = batch["index"].to(device, non_blocking=True)
+    with record_function("augment"):
+        batch = augment(batch, epoch)  # uint8 loader batch -> float model batch, on the device
+        if channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch, index
 
 
-def check_resume_data(accelerator: Accelerator, path: Path, state: dict, shards: str, num_samples: int,
-                      batch_size: int, batch_key: str = "data.batch_size") -> None:
-    """A checkpoint of a run on another number of samples is refused; one of another global batch continues,
-    with a warning (steps then count in the new batches). batch_size: this run's per process, set by `batch_key`."""
-    if state["num_samples"] != num_samples:
-        raise ValueError(f"{path} was trained on {state['num_samples']} samples, {shards} holds {num_samples}")
-    saved_batch = state.get("global_batch", state["world_size"] * batch_size)
-    global_batch = batch_size * accelerator.num_processes
-    if saved_batch != global_batch:
-        accelerator.print(
-            f"warning: {path} was trained with a global batch of {saved_batch} ({state['world_size']} "
-            f"processes), this run has {global_batch}: steps, epochs and the learning-rate schedule now count "
-            f"in batches of {global_batch}; keep world_size x {batch_key} to continue the same run"
-        )
+def step_losses(cfg: PirlConfig, parts: checkpoint.TrainingParts, net, batch: dict, index: torch.Tensor, step: int,
+                epoch: int, autocast, accelerator: Accelerator, loader, log_z: torch.Tensor,
+                need_log_z: bool) -> tuple[dict, torch.Tensor]:
+    """The configured method's forward pass and loss on the model batch: (losses with `loss` and the method's
+    LOG_TERMS, log_z). net: the (DDP-wrapped) network the step trains; log_z: binary NCE's constant, estimated
+    here where need_log_z, else passed through."""
+    image, patches = batch["image"], batch["patches"]
+    if cfg.method in CONTRASTIVE:
+        return contrastive_losses(cfg, net, parts.bank, image, patches, batch["index"], index, step, autocast,
+                                  accelerator, loader, log_z, need_log_z)
+    if cfg.method in PAIR_METHODS:
+        return pair_losses(cfg, net, parts.momentum_keys, image, patches, index, step, autocast, accelerator,
+                           loader), log_z
+    return covariant_losses(cfg, net, image, patches, index, batch.get("label"), step, epoch, autocast), log_z
+
+
+def update_bank(cfg: PirlConfig, bank, accelerator: Accelerator, index: torch.Tensor, f_img: torch.Tensor,
+                max_batch: int) -> None:
+    """The memory bank's rows of the global batch moved towards its new image embeddings (eq. 5's m_I)."""
+    with record_function("bank_update"):
+        rows, feats = gather_rows(accelerator, index, f_img, max_batch)
+        bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+
+
+def build_scheduler(cfg: PirlConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """optim.*'s learning-rate factor per step: linear warm-up, then cosine to final_lr, or the drops of lr_steps."""
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    final_ratio = cfg.optim.final_lr / cfg.optim.lr
+    drops = [round(epoch * steps_per_epoch) for epoch in cfg.optim.lr_steps]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: step_lr_factor(s, warmup_steps, drops) if drops else
+        lr_factor(s, total_steps, warmup_steps, final_ratio)
+    )
+
+
+def build_trained_net(cfg: PirlConfig, accelerator: Accelerator, loader, resume: str | None) -> torch.nn.Module:
+    """The method's network (methods.build_net), its trunk from model.init_checkpoint in a fresh run, with
+    synchronised BatchNorm (model.sync_bn) on several processes, in channels_last where run.channels_last."""
+    net = build_net(cfg, loader.classes if loader.labelled else None)
+    if cfg.model.init_checkpoint and resume is None:  # a resumed run restores its own trunk
+        init_trunk(net, cfg.model.init_checkpoint, cfg.model.arch)
+        accelerator.print(f"trunk initialised from {cfg.model.init_checkpoint}")
+    if cfg.model.sync_bn and accelerator.num_processes > 1:
+        net = convert_sync_batchnorm(net, accelerator.device)
+    if cfg.run.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def resume_run(cfg: PirlConfig, accelerator: Accelerator, resume: str, out_dir: Path, loader,
+               parts: checkpoint.TrainingParts) -> tuple[int, torch.Tensor]:
+    """--resume: its checkpoint checked against this run's data, batch and method, then loaded into `parts`;
+    returns (its global step, its log_z)."""
+    path, state = checkpoint.load_resume_state(resume, out_dir)
+    checkpoint.check_resume_data(accelerator, path, state, cfg.data.shards, loader.num_samples, cfg.data.batch_size)
+    checkpoint.check_resume_run(path, state, cfg.method, loader.epoch_samples)
+    step, log_z = checkpoint.restore_training_state(state, parts)
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step, log_z
+
+
+def start_run_folder(cfg: PirlConfig, out_dir: Path, accelerator: Accelerator) -> RunLog | None:
+    """The main process writes the resolved config into run.out_dir and opens its run log; None on the others."""
+    if not accelerator.is_main_process:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    return RunLog(out_dir, cfg.run.tensorboard)
+
+
+def knn_evaluation(knn: KnnMonitor | None, accelerator: Accelerator, net, step: int, epoch: int,
+                   run_log: RunLog | None, progress: ProgressLine) -> None:
+    """knn.*: the main process scores the trunk (logged, and kept in the progress line); the others wait."""
+    if knn is not None:
+        with record_function("knn"):
+            result = knn.evaluate(accelerator.unwrap_model(net).trunk, accelerator.device)
+        run_log.write({"step": step, "epoch": epoch, **result})
+        progress.show_knn(result)
+    accelerator.wait_for_everyone()
+
+
+def classifier_evaluation(evaluator: ClassifierEval, accelerator: Accelerator, net, step: int, epoch: int,
+                          run_log: RunLog | None, progress: ProgressLine) -> None:
+    """eval.*: every rank scores its share of the test shards; the main process logs the top-1 / top-5."""
+    with record_function("eval"):
+        result = evaluator.evaluate(accelerator.unwrap_model(net), step, epoch)
+    if run_log is not None:
+        run_log.write({"step": step, "epoch": epoch, **result})
+    progress.show_eval(result)
 
 
 def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
@@ -259,31 +311,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
 
     `profiler`: a torch.profiler.profile whose step() is called after every training step (tools/profile.py).
     """
-    cfg.data.recipe.validate()
-    if cfg.loss.kind not in ("nce", "infonce"):
-        raise ConfigError(f"loss.kind must be 'nce' or 'infonce', got {cfg.loss.kind!r}")
-    if cfg.data.augment_kernels not in KERNEL_CHOICES:
-        raise ConfigError(f"data.augment_kernels must be one of {KERNEL_CHOICES}, got {cfg.data.augment_kernels!r}")
-    if cfg.data.backend not in pipelines.BACKENDS:
-        raise ConfigError(f"data.backend must be one of {sorted(pipelines.BACKENDS)}, got {cfg.data.backend!r}")
-    try:
-        cfg.data.dali.validate()
-    except ValueError as err:
-        raise ConfigError(f"data.{err}") from None
-    if cfg.loss.bank not in BANK_KINDS:
-        raise ConfigError(f"loss.bank must be one of {BANK_KINDS}, got {cfg.loss.bank!r}")
-    if cfg.loss.bank_dtype not in BANK_DTYPES:
-        raise ConfigError(f"loss.bank_dtype must be one of {tuple(BANK_DTYPES)}, got {cfg.loss.bank_dtype!r}")
-    if cfg.data.max_skipped_per_epoch < 0:
-        raise ConfigError(f"data.max_skipped_per_epoch must be >= 0, got {cfg.data.max_skipped_per_epoch}")
-    check_method(cfg)
-    if cfg.knn.every < 0 or (cfg.knn.every > 0 and not cfg.knn.test_shards):
-        raise ConfigError(f"knn.every must be >= 0 and, when > 0, knn.test_shards set (got every={cfg.knn.every}, "
-                          f"test_shards={cfg.knn.test_shards!r})")
-    if cfg.loss.bank_init not in ("random", "features"):
-        raise ConfigError(f"loss.bank_init must be 'random' or 'features', got {cfg.loss.bank_init!r}")
-    if any(epoch <= 0 for epoch in cfg.optim.lr_steps):
-        raise ConfigError(f"optim.lr_steps must be epochs > 0, got {list(cfg.optim.lr_steps)}")
+    check_config(cfg)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=unused_parameters(cfg))
     accelerator = Accelerator(cpu=cfg.run.cpu, kwargs_handlers=[ddp])
     device = accelerator.device
@@ -294,110 +322,44 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
         verify_data(cfg.data.shards, accelerator)
     loader = build_loader(cfg, accelerator)
     steps_per_epoch = len(loader)
-    total_steps = cfg.optim.epochs * steps_per_epoch
     global_batch = cfg.data.batch_size * accelerator.num_processes
+    shape = checkpoint.RunShape(steps_per_epoch, accelerator.num_processes, global_batch, loader.num_samples,
+                                loader.epoch_samples)
 
     augment = build_augment(cfg)
     contrastive = cfg.method in CONTRASTIVE
-    net = build_net(cfg, loader.classes if loader.labelled else None)
-    if cfg.model.init_checkpoint and resume is None:  # a resumed run restores its own trunk
-        init_trunk(net, cfg.model.init_checkpoint, cfg.model.arch)
-        accelerator.print(f"trunk initialised from {cfg.model.init_checkpoint}")
-    if cfg.model.sync_bn and accelerator.num_processes > 1:
-        net = convert_sync_batchnorm(net, device)
-    if cfg.run.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = build_trained_net(cfg, accelerator, loader, resume)
     bank = build_bank(cfg, loader.num_samples, device) if contrastive else None
     # MoCo's key encoder and queue: replicated on every rank, outside the DDP-wrapped module (model/moco.py)
     momentum_keys = build_momentum_keys(cfg, net, accelerator, loader) if cfg.method == "moco" else None
-    if contrastive:
-        try:  # before the bank's initialisation and the first step, not at the first draw
-            check_num_negatives(cfg.loss.num_negatives, loader.num_samples)
-        except ValueError as err:
-            raise ConfigError(f"loss.num_negatives = {cfg.loss.num_negatives} does not fit {cfg.data.shards} "
-                              f"({loader.num_samples} samples): {err}") from None
-    peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch)
-    optimizer = build_optimizer(cfg.optim, net, peak_lr)
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    final_ratio = cfg.optim.final_lr / cfg.optim.lr
-    drops = [round(epoch * steps_per_epoch) for epoch in cfg.optim.lr_steps]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: step_lr_factor(s, warmup_steps, drops) if drops else
-        lr_factor(s, total_steps, warmup_steps, final_ratio)
-    )
+    if contrastive:  # before the bank's initialisation and the first step, not at the first draw
+        check_negatives(cfg, loader.num_samples)
+    optimizer = build_optimizer(cfg.optim, net, scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch))
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    parts = checkpoint.TrainingParts(net, optimizer, scheduler, bank, momentum_keys)
     log_z = torch.tensor(float("nan"))  # Wu et al.'s constant, estimated on the first step (binary NCE only)
 
     global_step = 0
     if resume is not None:
-        path, state = load_resume_state(resume, out_dir)
-        check_resume_data(accelerator, path, state, cfg.data.shards, loader.num_samples, cfg.data.batch_size)
-        trained = state["config"].get("method", "pirl")
-        if trained != cfg.method:
-            raise ValueError(f"{path} was trained with method={trained}, this run has method={cfg.method}")
-        if state.get("epoch_samples", state["num_samples"]) != loader.epoch_samples:
-            raise ValueError(f"{path} was trained on epochs of {state.get('epoch_samples', state['num_samples'])} "
-                             f"samples, this run's data.subset / data.subset_fraction give {loader.epoch_samples}")
-        net.load_state_dict(state["model"])
-        if bank is not None:
-            bank.load_state_dict(state["bank"])
-        if momentum_keys is not None:
-            momentum_keys.load_state_dict(state["moco"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        log_z = state["log_z"]
-        global_step = state["step"]
-        checkpoint.restore_rng_state(state["rng"])
-        accelerator.print(f"resumed from {path} at step {global_step}")
+        global_step, log_z = resume_run(cfg, accelerator, resume, out_dir, loader, parts)
     elif contrastive and cfg.loss.bank_init == "features":
         init_bank_from_features(net.to(device), bank, cfg, accelerator)
 
-    net, optimizer = accelerator.prepare(net, optimizer)
+    net, optimizer = accelerator.prepare(net, optimizer)  # parts keeps the unwrapped network: what is saved
     log_z = log_z.to(device)
     need_log_z = cfg.loss.kind == "nce" and bool(torch.isnan(log_z))
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    run_log = RunLog(out_dir, cfg.run.tensorboard) if accelerator.is_main_process else None
+    run_log = start_run_folder(cfg, out_dir, accelerator)
 
-    def save(step: int) -> None:
-        accelerator.wait_for_everyone()
-        # collective for a sharded bank: every rank calls it, rank 0 gets the rows
-        bank_state = bank.state_dict() if bank is not None else None
-        if accelerator.is_main_process:
-            state = {
-                "model": accelerator.unwrap_model(net).state_dict(),
-                "bank": bank_state,
-                "moco": momentum_keys.state_dict() if momentum_keys is not None else None,  # the same on every rank
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "log_z": log_z.cpu(),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "step_in_epoch": step % steps_per_epoch,
-                "world_size": accelerator.num_processes,
-                "global_batch": global_batch,
-                "num_samples": loader.num_samples,
-                "epoch_samples": loader.epoch_samples,  # the subset's size, where data.subset* set one
-                "rng": checkpoint.rng_state(),
-                "config": to_dict(cfg),
-            }
-            checkpoint.save_atomic(state, checkpoint.checkpoint_path(out_dir, step))
-
+    total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = total_steps if cfg.run.max_steps < 0 else min(total_steps, cfg.run.max_steps)
-    progress = tqdm(
-        total=last_step, initial=global_step, disable=not accelerator.is_main_process, unit="step", dynamic_ncols=True
-    )
+    progress = ProgressLine(last_step, global_step, accelerator.is_main_process)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16)
-    # Means over the log window; pos_/neg_ are the cosine similarities to m_I and to the bank negatives m_I'.
-    window = dict.fromkeys(LOG_TERMS[cfg.method], 0.0)
     knn = build_knn_monitor(cfg) if cfg.knn.every > 0 and accelerator.is_main_process else None
-    postfix: dict = {}
-    knn_shown: dict = {}  # the last kNN top-1, kept in the progress line until the next evaluation
     evaluator = (ClassifierEval(cfg, accelerator, loader, backend_options(cfg, accelerator.device))
                  if cfg.eval.test_shards else None)
-    eval_shown: dict = {}  # likewise the classifier's last top-1 / top-5 on eval.test_shards
-    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
-    record: dict = {}
+    # Means over the log window; pos_/neg_ are the cosine similarities to m_I and to the bank negatives m_I'.
+    window = LogWindow(LOG_TERMS[cfg.method], accelerator, out_dir, run_log, log_every=cfg.run.log_every,
+                       last_step=last_step, global_batch=global_batch)
     net.train()
     start_epoch, start_in_epoch = divmod(global_step, steps_per_epoch)
     stop, stopping = StopOnSigterm(), False
@@ -412,29 +374,10 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 batch, waited = next_batch(batches)
                 if batch is None:
                     break
-                data_wait += waited
-                with record_function("to_device"):
-                    batch = to_device(batch, device)
-                    index = batch["index"].to(device, non_blocking=True)
-                with record_function("augment"):
-                    batch = augment(batch, epoch)  # uint8 loader batch -> float model batch, on the device
-                    image, patches = batch["image"], batch["patches"]
-                    if cfg.run.channels_last:
-                        image = image.contiguous(memory_format=torch.channels_last)
-
-                if contrastive:
-                    losses, log_z = contrastive_losses(cfg, net, bank, image, patches, batch["index"], index,
-                                                       global_step, autocast, accelerator, loader, log_z, need_log_z)
-                    need_log_z = False
-                elif cfg.method in PAIR_METHODS:
-                    losses = pair_losses(cfg, net, momentum_keys, image, patches, index, global_step, autocast,
-                                         accelerator, loader)
-                else:
-                    target = covariant_target(cfg, global_step, epoch, index, batch.get("label"))
-                    views = image[:, None] if cfg.method == "supervised" else patches  # supervised: the image view
-                    with autocast:
-                        logits = net(views, target if cfg.method == "jigsaw" else None)
-                    losses = classification_loss(logits, target)
+                batch, index = model_batch(batch, augment, epoch, device, cfg.run.channels_last)
+                losses, log_z = step_losses(cfg, parts, net, batch, index, global_step, epoch, autocast, accelerator,
+                                            loader, log_z, need_log_z)
+                need_log_z = False
                 # This rank's share of the global batch (host numbers: no communication); 1 on one process. A
                 # corrupt sample left out here counts out of the total; one left out on another rank does not.
                 share = len(batch["index"]) / (loader.global_batch_size(step_in_epoch) - loader.batch_skipped)
@@ -444,70 +387,34 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
                 with record_function("optimizer"):
                     optimizer.step()
                     scheduler.step()
-                if contrastive:
-                    with record_function("bank_update"):
-                        rows, feats = gather_rows(accelerator, index, losses["f_img"], loader.max_batch_size)
-                        bank.update(rows, feats, momentum=cfg.loss.bank_momentum)
+                if bank is not None:
+                    update_bank(cfg, bank, accelerator, index, losses["f_img"], loader.max_batch_size)
                 if momentum_keys is not None:  # EMA of the stepped query network, then this step's keys queued
                     after_step(momentum_keys, accelerator.unwrap_model(net), losses)
-
                 global_step += 1
                 step_in_epoch += 1
-                window_steps += 1
-                for key in window:
-                    window[key] += losses[key].detach().mean() * share  # summed over ranks: the global mean
-                if global_step % cfg.run.log_every == 0 or global_step == last_step:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": global_step, "epoch": epoch}
-                    sums = window_sums(accelerator, {**window, "skipped": float(len(loader.skipped))}, device)
-                    skipped = int(sums.pop("skipped"))  # corrupt samples left out so far this epoch, all ranks
-                    check_finite(sums, global_step - window_steps + 1, global_step, out_dir)
-                    record.update({k: v / window_steps for k, v in sums.items()})
-                    record["skipped"] = skipped
-                    record["lr"] = scheduler.get_last_lr()[0]
-                    record["img_per_s"] = window_steps * global_batch / elapsed
-                    record["data_wait_frac"] = data_wait / elapsed
-                    if run_log is not None:
-                        run_log.write(record)
-                    postfix = dict(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                                   data_wait=f"{100 * record['data_wait_frac']:.0f}%", skipped=skipped, **knn_shown,
-                                   **eval_shown)
-                    progress.set_postfix(postfix)
-                    window = {k: 0.0 for k in window}
-                    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+                window.add(losses, share, waited)
+                if window.due(global_step):
+                    progress.show(window.record(global_step, epoch, len(loader.skipped), scheduler.get_last_lr()[0]))
                 if cfg.knn.every > 0 and (global_step % cfg.knn.every == 0 or global_step == last_step):
-                    knn_start = time.perf_counter()
-                    if knn is not None:  # the main process evaluates, the others wait
-                        with record_function("knn"):
-                            result = knn.evaluate(accelerator.unwrap_model(net).trunk, device)
-                        run_log.write({"step": global_step, "epoch": epoch, **result})
-                        knn_shown = {"knn": f"{result['knn_top1']:.1f}%"}
-                        progress.set_postfix({**postfix, **knn_shown})
-                    accelerator.wait_for_everyone()
-                    window_start += time.perf_counter() - knn_start  # not counted as training time
+                    with window.paused():  # not counted as training time
+                        knn_evaluation(knn, accelerator, net, global_step, epoch, run_log, progress)
                 if evaluator is not None and due(global_step, steps_per_epoch, cfg.eval.every_epochs, last_step):
-                    eval_start = time.perf_counter()
-                    with record_function("eval"):  # every rank scores its share of the test shards
-                        result = evaluator.evaluate(accelerator.unwrap_model(net), global_step, epoch)
-                    if run_log is not None:
-                        run_log.write({"step": global_step, "epoch": epoch, **result})
-                    eval_shown = {"top1": f"{result['eval_top1']:.1f}%", "top5": f"{result['eval_top5']:.1f}%"}
-                    progress.set_postfix({**postfix, **knn_shown, **eval_shown})
-                    window_start += time.perf_counter() - eval_start  # not counted as training time
-                progress.update(1)
+                    with window.paused():
+                        classifier_evaluation(evaluator, accelerator, net, global_step, epoch, run_log, progress)
+                progress.update()
                 if profiler is not None:
                     profiler.step()
                 if stop.requested(accelerator, log_step=global_step % cfg.run.log_every == 0):
                     stopping = True
                     break
                 if global_step % cfg.run.ckpt_every == 0 and global_step != last_step:
-                    check_finite(window_sums(accelerator, window, device), global_step - window_steps + 1,
-                                 global_step, out_dir)  # never a checkpoint of NaN weights
-                    save(global_step)
+                    window.check(global_step)  # never a checkpoint of NaN weights
+                    checkpoint.save_training_state(accelerator, out_dir, global_step, parts, log_z, shape, to_dict(cfg))
     finally:
         stop.restore()
-    check_finite(window_sums(accelerator, window, device), global_step - window_steps + 1, global_step, out_dir)
-    save(global_step)
+    window.check(global_step)
+    checkpoint.save_training_state(accelerator, out_dir, global_step, parts, log_z, shape, to_dict(cfg))
     progress.close()
     if run_log is not None:
         run_log.close()
@@ -517,7 +424,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     else:
         accelerator.print(f"done: step {global_step}, checkpoint {checkpoint.checkpoint_path(out_dir, global_step)}")
     accelerator.end_training()
-    return record
+    return window.last
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
