@@ -374,8 +374,10 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def build_parser(description: str, resumable: bool = True, schema: type | None = None) -> argparse.ArgumentParser:
-    """The options of a config-driven script; with `schema`, --help lists every config key (keys_help)."""
+def build_parser(description: str, resumable: bool | str = True,
+                 schema: type | None = None) -> argparse.ArgumentParser:
+    """The options of a config-driven script; with `schema`, --help lists every config key (keys_help). `resumable`:
+    whether it takes --resume, or (a string) the config key of the folder whose latest checkpoint --resume reads."""
     parser = argparse.ArgumentParser(
         description=description,
         allow_abbrev=False,  # `--res` must not silently mean `--resume`
@@ -392,7 +394,8 @@ def build_parser(description: str, resumable: bool = True, schema: type | None =
             nargs="?",
             const="latest",
             default=None,
-            help="continue a run: a checkpoint path, or no value for the latest checkpoint in run.out_dir",
+            help="continue a run: a checkpoint path, or no value for the latest checkpoint in "
+                 f"{resumable if isinstance(resumable, str) else 'run.out_dir'}",
         )
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (a required value not set shows as ???) and exit")
@@ -400,14 +403,14 @@ def build_parser(description: str, resumable: bool = True, schema: type | None =
 
 
 def parse_args(
-    argv: Sequence[str] | None, description: str, resumable: bool = True, schema: type | None = None
+    argv: Sequence[str] | None, description: str, resumable: bool | str = True, schema: type | None = None
 ) -> tuple[argparse.Namespace, list[str]]:
     """(options, the rest: config overrides)."""
     return build_parser(description, resumable, schema).parse_known_args(argv)
 
 
 def config_from_cli(
-    schema: type, argv: Sequence[str] | None, description: str, resumable: bool = True
+    schema: type, argv: Sequence[str] | None, description: str, resumable: bool | str = True
 ) -> tuple[argparse.Namespace, Any | None]:
     """Parse the command line into (args, config); config is None when --print-config has printed it.
 

@@ -464,7 +464,8 @@ def check_features_fit(num_train: int, num_test: int, dims: dict[str, int]) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    args, cfg = config_from_cli(ProbeConfig, argv, description=__doc__.splitlines()[0])
+    args, cfg = config_from_cli(ProbeConfig, argv, description=__doc__.splitlines()[0],
+                                resumable="online_out_dir (--mode=online only)")
     if cfg is None:
         return None
     if cfg.mode not in MODES:

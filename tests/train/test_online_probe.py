@@ -205,6 +205,12 @@ def test_the_training_crops_are_goyals_whatever_the_trunk_was_pretrained_on():
     assert (view.flip_p, view.blur_p, view.image_size, view.jigsaw_view, view.view_tiles) == (0.5, 0.0, 48, "jigsaw", 1)
 
 
+def test_resume_help_names_the_online_out_dir(capsys):
+    with pytest.raises(SystemExit):
+        linear_probe.main(["--help"])
+    assert "latest checkpoint in online_out_dir" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_centre_train_view_is_the_eval_view_shuffled_once_per_epoch(synthetic_shards):
     """online_train_view=centre trains on what the cached probe fits: each training image's eval view (the same
     pixels as the test loader's form), every sample once per epoch, in a shuffled order that changes per epoch."""
