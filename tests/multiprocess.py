@@ -13,6 +13,9 @@ def _rank(rank: int, world: int, out_dir: str, fn: Callable, args: tuple) -> Non
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         torch.save(fn(rank, *args), f"{out_dir}/rank{rank}.pt")
+        # no rank tears gloo down while another still has a collective in flight: that rank would abort at exit
+        # ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -45,6 +45,7 @@ def _worker(rank: int, world: int, init_file: str, results):
         grads = torch.cat([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)
         results[rank] = (out.detach(), mine.grad, grads, bn.running_mean.clone(), bn.running_var.clone())
+        dist.barrier()  # as tests/multiprocess.py: no rank leaves while another still reduces
     finally:
         dist.destroy_process_group()
 

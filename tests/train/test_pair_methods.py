@@ -164,6 +164,7 @@ def _key_worker(rank: int, store: str, out_dir: str) -> None:
         local, in_order = shuffled_keys(cfg, keys, images[start:start + n], index[start:start + n], STEP,
                                         accelerator, max(SIZES) + 1)
         torch.save({"local": local, "in_order": in_order}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # as tests/multiprocess.py: no rank leaves while another still gathers
     finally:
         dist.destroy_process_group()
 
