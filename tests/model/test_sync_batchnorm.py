@@ -4,7 +4,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from pirl_trainer.model.sync_batchnorm import GlooSyncBatchNorm2d, convert_sync_batchnorm
+from pirl_trainer.model.sync_batchnorm import GlooSyncBatchNorm1d, GlooSyncBatchNorm2d, convert_sync_batchnorm
 
 
 def _inputs():
@@ -78,3 +78,37 @@ def test_convert_replaces_every_batchnorm_and_keeps_its_state():
     net = convert_sync_batchnorm(net, torch.device("cpu"))
     assert isinstance(net[1], GlooSyncBatchNorm2d) and isinstance(net[2][0], GlooSyncBatchNorm2d)
     assert torch.equal(net[1].running_mean, torch.full((4,), 0.25))
+
+
+def _head_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, generator=g) * torch.tensor([2.0, 1.0, 0.5, 0.1, 3.0]) + torch.tensor([0.0, 5.0, -1, 9, 2])
+    return x, torch.randn(6, 5, generator=g)
+
+
+def _head_bn_rank(rank: int) -> tuple:
+    """A head's BatchNorm1d (no affine, as model.head_norm=bn's) synchronised over 2 ranks holding 4 and 2 rows."""
+    x, upstream = _head_inputs()
+    rows = slice(4, 6) if rank else slice(0, 4)
+    bn = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(5, affine=False)), torch.device("cpu"))[0]
+    assert isinstance(bn, GlooSyncBatchNorm1d)
+    mine = x[rows].clone().requires_grad_(True)
+    out = bn(mine)
+    (out * upstream[rows]).sum().backward()
+    return out.detach(), mine.grad, bn.running_mean.clone(), bn.running_var.clone()
+
+
+def test_a_heads_batchnorm1d_over_two_processes_equals_one_process(tmp_path):
+    from tests.multiprocess import run_on_ranks
+
+    x, upstream = _head_inputs()
+    bn = nn.BatchNorm1d(5, affine=False)
+    x.requires_grad_(True)
+    out = bn(x)
+    (out * upstream).sum().backward()
+    results = run_on_ranks(_head_bn_rank, 2, tmp_path)
+    for rank, rows in ((0, slice(0, 4)), (1, slice(4, 6))):
+        torch.testing.assert_close(results[rank][0], out.detach()[rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[rank][1], x.grad[rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[rank][2], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[rank][3], bn.running_var, rtol=1e-5, atol=1e-6)
