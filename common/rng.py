@@ -8,6 +8,16 @@ import torch
 PURPOSE_PERMUTATION = 1
 PURPOSE_SAMPLE = 2
 PURPOSE_LOADER = 3  # the DataLoader's own generator (worker base seeds; unused by our transforms)
+PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipelines/augment.py)
+PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
+PURPOSE_JIGSAW_LABEL = 6  # the Jigsaw baseline's permutation id, per (seed, step, global index) (model/covariant.py)
+PURPOSE_SUBSET = 7  # data.subset_fraction's per-class draw, per (subset seed, global index) (pipelines/subset.py)
+PURPOSE_BLUR = 8  # the batched stage's Gaussian blur coins and sigmas, per (seed, epoch, index) (pipelines/blur.py)
+PURPOSE_MOCO_SHUFFLE = 9  # MoCo's shuffled BatchNorm: the key images' order, per (seed, step, global index)
+# The memory bank's counter draws (model/memory_bank.py).
+PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
+PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)
+PURPOSE_SHARED_NEGATIVES = 18  # one draw per batch: apart from the per-sample stream (same counters)
 
 
 def derive_seed(purpose: int, *words: int) -> int:
@@ -20,16 +30,7 @@ def derive_seed(purpose: int, *words: int) -> int:
 
 def generator_for(purpose: int, *words: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(purpose, *words))
-PURPOSE_AUGMENT = 4  # the batched stage's photometric and rotation draws (pipelines/augment.py)
-PURPOSE_HEADS = 5  # the jigsaw head's patch order, per (seed, step, global index) (train/pirl.py)
-PURPOSE_JIGSAW_LABEL = 6  # the Jigsaw baseline's permutation id, per (seed, step, global index) (model/covariant.py)
-PURPOSE_SUBSET = 7  # data.subset_fraction's per-class draw, per (subset seed, global index) (pipelines/subset.py)
-PURPOSE_BLUR = 8  # the batched stage's Gaussian blur coins and sigmas, per (seed, epoch, index) (pipelines/blur.py)
-PURPOSE_MOCO_SHUFFLE = 9  # MoCo's shuffled BatchNorm: the key images' order, per (seed, step, global index)
-# The memory bank's counter draws (model/memory_bank.py).
-PURPOSE_NEGATIVES = 16  # per-sample negatives, per (seed, step, global index)
-PURPOSE_BANK_INIT = 17  # a sharded bank's initial rows, per (seed, row)
-PURPOSE_SHARED_NEGATIVES = 18  # one draw per batch: apart from the per-sample stream (same counters)
+
 
 _MASK32 = 0xFFFFFFFF
 
