@@ -26,20 +26,12 @@ import torch
 from pirl_trainer.model.trunk import build_trunk
 from pirl_trainer.train import checkpoint
 
-PREFIX = "trunk."  # PIRLNet.trunk (model/pirl.py): the rest of the key is torchvision's
-
 
 def trunk_tensors(state: dict, source: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """(arch, torchvision key -> tensor) of a loaded checkpoint; every key and shape checked against the arch."""
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{source}: not a train/pirl.py checkpoint (no 'model' state_dict)")
-    try:
-        arch = state["config"]["model"]["arch"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{source}: the checkpoint has no config.model.arch") from None
-    weights = {k[len(PREFIX):]: v for k, v in state["model"].items() if k.startswith(PREFIX)}
-    if not weights:
-        raise ValueError(f"{source}: the checkpoint's model holds no '{PREFIX}*' keys")
+    arch, weights = checkpoint.trunk_weights(state, source)
+    if arch is None:
+        raise ValueError(f"{source}: the checkpoint has no config.model.arch")
     try:
         with torch.device("meta"):  # shapes only: no memory, no init time
             expected = build_trunk(arch)[0].state_dict()
@@ -52,7 +44,7 @@ def trunk_tensors(state: dict, source: Path) -> tuple[str, dict[str, torch.Tenso
                          f"{' ...' if len(unexpected) > 5 else ''}")
     for key, ref in expected.items():
         if weights[key].shape != ref.shape:
-            raise ValueError(f"{source}: {PREFIX}{key} has shape {tuple(weights[key].shape)}, "
+            raise ValueError(f"{source}: {checkpoint.TRUNK_PREFIX}{key} has shape {tuple(weights[key].shape)}, "
                              f"torchvision {arch} expects {tuple(ref.shape)}")
     # safetensors takes contiguous CPU tensors that share no storage: a channels_last run saves NHWC strides.
     return arch, {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in weights.items()}

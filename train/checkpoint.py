@@ -67,6 +67,25 @@ def load(path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
 
 
+TRUNK_PREFIX = "trunk."  # the trunk of PIRLNet, CovariantNet, SimCLRNet and MoCoNet: every checkpoint names it alike
+
+
+def trunk_weights(state: Any, source: str | Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(the arch its config names, or None; torchvision key -> tensor) of a loaded train/pirl.py checkpoint of any
+    method: what the probes, fine-tuning and the export read. ValueError naming `source` when it holds no trunk."""
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{source}: not a train/pirl.py checkpoint (no 'model' state_dict)")
+    weights = {k[len(TRUNK_PREFIX):]: v for k, v in model.items() if k.startswith(TRUNK_PREFIX)}
+    if not weights:
+        raise ValueError(f"{source} holds no trunk weights (no '{TRUNK_PREFIX}*' keys in its 'model' state_dict): "
+                         "not a checkpoint of train/pirl.py?")
+    config = state.get("config")
+    model_config = config.get("model") if isinstance(config, dict) else None
+    arch = model_config.get("arch") if isinstance(model_config, dict) else None
+    return arch, weights
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors and plain lists (weights_only-safe). The step's own draws
     (patch orders, negatives) are counter-based on (seed, step, sample) and need no saved stream."""

@@ -123,18 +123,30 @@ class ProbeConfig:
 
 
 def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:
+    """(the trunk in eval mode, its arch, the recipe its views are cut with): `checkpoint`'s trunk of any method,
+    or without one a random trunk of `arch` seeded with `seed`. A checkpoint that does not fit is a ConfigError
+    naming it."""
     recipe_fields: dict = {}
     arch = cfg.arch or "resnet50"
+    weights = None
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
         state = checkpoint.load(cfg.checkpoint)
-        arch = cfg.arch or state["config"]["model"]["arch"]
-        recipe_fields = state["config"]["data"]["recipe"]
+        try:
+            trained, weights = checkpoint.trunk_weights(state, cfg.checkpoint)
+        except ValueError as err:
+            raise ConfigError(f"checkpoint: {err}") from None
+        if trained is None and not cfg.arch:
+            raise ConfigError(f"checkpoint: {cfg.checkpoint} names no model.arch in its config: set --arch")
+        arch = cfg.arch or trained
+        recipe_fields = (state.get("config") or {}).get("data", {}).get("recipe", {})
     trunk, _ = build_trunk(arch)
-    if cfg.checkpoint:
-        prefix = "trunk."
-        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-        trunk.load_state_dict(weights)
+    if weights is not None:
+        try:
+            trunk.load_state_dict(weights)
+        except RuntimeError as err:  # --arch against the checkpoint's: the keys or shapes tell
+            raise ConfigError(f"checkpoint: {cfg.checkpoint}'s trunk does not fit arch={arch}: "
+                              f"{str(err).splitlines()[0]}") from None
     recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PirlRecipe), recipe_fields))
     if cfg.image_size:
         recipe.image_size = cfg.image_size

@@ -107,9 +107,6 @@ def build_net(cfg: PirlConfig, classes: list[str] | None = None) -> nn.Module:
                         num_classes=len(classes) if cfg.method == "supervised" else None)
 
 
-TRUNK_PREFIX = "trunk."  # the trunk of PIRLNet, CovariantNet, SimCLRNet and MoCoNet: every checkpoint names it alike
-
-
 def init_trunk(net: nn.Module, path: str | Path, arch: str) -> None:
     """Load the trunk of a train/pirl.py checkpoint of any method (weights_only) into net.trunk, exactly; the
     heads and the classifier keep their fresh initialisation. Errors name the file: missing, without trunk
@@ -117,15 +114,10 @@ def init_trunk(net: nn.Module, path: str | Path, arch: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.init_checkpoint: {path}: no such checkpoint file")
-    state = checkpoint.load(path)
-    model = state.get("model") if isinstance(state, dict) else None
-    weights = ({k[len(TRUNK_PREFIX):]: v for k, v in model.items() if k.startswith(TRUNK_PREFIX)}
-               if isinstance(model, dict) else {})
-    if not weights:
-        raise ValueError(f"model.init_checkpoint: {path} holds no trunk weights (no '{TRUNK_PREFIX}*' keys in a "
-                         "'model' state_dict): not a checkpoint of train/pirl.py?")
-    config = state.get("config")
-    trained = config.get("model", {}).get("arch") if isinstance(config, dict) else None
+    try:
+        trained, weights = checkpoint.trunk_weights(checkpoint.load(path), path)
+    except ValueError as err:
+        raise ValueError(f"model.init_checkpoint: {err}") from None
     if trained is not None and trained != arch:
         raise ValueError(f"model.init_checkpoint: {path} holds a {trained} trunk, this run's model.arch is {arch}: "
                          f"set --model.arch={trained}")
