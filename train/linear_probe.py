@@ -120,6 +120,10 @@ class ProbeConfig:
     # eval view, shuffled: the cached probe's training images, to compare the two modes like for like)
     online_train_view: str = "random_resized"
     online_cpu: bool = False  # force the CPU even where a GPU is present
+    # the frozen trunk's forward as pretraining runs it on GPUs (run.bf16, run.channels_last; imagenet_r50.yaml sets
+    # both): bfloat16 autocast and NHWC memory format; the features, the heads and their step stay float32
+    online_bf16: bool = False
+    online_channels_last: bool = False
 
 
 def load_trunk(cfg: ProbeConfig) -> tuple[torch.nn.Module, str, PirlRecipe]:

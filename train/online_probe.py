@@ -153,7 +153,8 @@ def online_settings(cfg: ProbeConfig, global_batch: int) -> dict:
     return {"mode": "online", "epochs": cfg.online_epochs, "lr": cfg.online_lr, "global_batch": global_batch,
             "reference_batch": cfg.online_reference_batch, "lr_milestones": list(cfg.online_lr_milestones),
             "lr_decay": cfg.online_lr_decay, "momentum": cfg.online_momentum,
-            "weight_decay": cfg.online_weight_decay, "train_view": cfg.online_train_view, "seed": cfg.seed}
+            "weight_decay": cfg.online_weight_decay, "train_view": cfg.online_train_view, "seed": cfg.seed,
+            "bf16": cfg.online_bf16, "channels_last": cfg.online_channels_last}
 
 
 def head_losses(heads: nn.Module, feats: dict[str, torch.Tensor], label: torch.Tensor,
@@ -166,10 +167,22 @@ def head_losses(heads: nn.Module, feats: dict[str, torch.Tensor], label: torch.T
 
 
 @torch.no_grad()
+def frozen_features(trunk: nn.Module, image: torch.Tensor, layers: list[str], *, bf16: bool = False,
+                    channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """stage_features of the frozen trunk, run as online_bf16 / online_channels_last ask (the trunk itself is put
+    in channels_last once, by online_probe); float32 features either way, for float32 heads."""
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return stage_features(trunk, image, layers)
+
+
+@torch.no_grad()
 def evaluate(trunk: nn.Module, heads: StageHeads, loader, recipe: PirlRecipe, device: torch.device,
-             show: bool = False) -> torch.Tensor:
+             show: bool = False, *, bf16: bool = False, channels_last: bool = False) -> torch.Tensor:
     """(L, 3) int64, a row per head in its order: [top-1 hits, top-5 hits, images] over the loader's samples (with a
-    rank's test loader: that rank's share of the test shards). Leaves the heads in eval mode."""
+    rank's test loader: that rank's share of the test shards). Leaves the heads in eval mode. bf16, channels_last:
+    the trunk's forward (frozen_features)."""
     heads.eval()
     layers = list(heads.heads)
     counts = torch.zeros(len(layers), 3, dtype=torch.int64, device=device)
@@ -177,7 +190,7 @@ def evaluate(trunk: nn.Module, heads: StageHeads, loader, recipe: PirlRecipe, de
     for batch, image in tqdm(eval_images(loader, recipe, device), desc="test", unit="batch", leave=False,
                              total=len(loader), disable=not show):
         label = batch["label"].to(device, non_blocking=True)
-        logits = heads(stage_features(trunk, image, layers))
+        logits = heads(frozen_features(trunk, image, layers, bf16=bf16, channels_last=channels_last))
         counts[:, :2] += torch.stack([topk_correct(logits[name], label) for name in layers])
         counts[:, 2] += len(label)
     return counts
@@ -211,6 +224,9 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
     out_dir = Path(cfg.online_out_dir)
     trunk, arch, recipe = load_trunk(cfg)  # seeds torch with cfg.seed: the same random trunk on every rank
     trunk = trunk.to(device).requires_grad_(False)
+    if cfg.online_channels_last:
+        trunk = trunk.to(memory_format=torch.channels_last)
+    forward_options = {"bf16": cfg.online_bf16, "channels_last": cfg.online_channels_last}
     train_loader = train_images(cfg, recipe, rank, world)
     test_loader = eval_loader(cfg.test_shards, recipe, cfg, rank=rank, world_size=world)
     # before any step: a test label must name the class the heads learnt under that number
@@ -273,8 +289,8 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
         """The test shards' top-1 and top-5 per head, logged; the heads go back to training mode."""
         with record_function("evaluate"):
             share_statistics(plain_heads, accelerator)
-            counts = accelerator.reduce(evaluate(trunk, plain_heads, test_loader, recipe, device, main_process),
-                                        "sum")
+            counts = accelerator.reduce(evaluate(trunk, plain_heads, test_loader, recipe, device, main_process,
+                                                 **forward_options), "sum")
         heads.train()
         total = int(counts[0, 2])
         record = {"step": global_step, "epoch": epoch, "num_test": total,
@@ -312,8 +328,8 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
                     label = batch["label"]
                 with record_function("augment"):
                     image = augment.eval(batch)["image"]
-                with record_function("trunk"), torch.no_grad():
-                    feats = stage_features(trunk, image, layers)  # {stage: (B, ~9k)}
+                with record_function("trunk"):
+                    feats = frozen_features(trunk, image, layers, **forward_options)  # {stage: (B, ~9k)}
                 # This rank's share of the global batch (pirl.py): DDP's gradient average is the global mean's
                 share = len(label) / (train_loader.global_batch_size(step_in_epoch) - train_loader.batch_skipped)
                 with record_function("heads"):

@@ -233,23 +233,30 @@ def test_the_centre_train_view_is_the_eval_view_shuffled_once_per_epoch(syntheti
     assert orders[0] != sorted(orders[0]) and orders[0] != orders[1]
 
 
-def test_the_heads_step_and_the_scoring_run_on_cuda_without_host_reads(synthetic_shards):
+@pytest.mark.parametrize("fast", [False, True], ids=["float32", "bf16_channels_last"])
+def test_the_heads_step_and_the_scoring_run_on_cuda_without_host_reads(synthetic_shards, monkeypatch, fast):
     """Dry run in fake CUDA tensors (tests/train/test_fake_cuda.py): no CPU tensor meets a CUDA one, and neither the
-    heads' losses and hits nor the scoring loop read a device value on the host."""
-    from tests.train.test_fake_cuda import CUDA, HostRealMode, assert_on_cuda, to_fake_cuda
+    heads' losses and hits nor the scoring loop read a device value on the host; also with the trunk's forward in
+    bf16 autocast and channels_last."""
+    from tests.train.test_fake_cuda import (CUDA, HostRealMode, assert_on_cuda, bf16_autocast_without_a_gpu,
+                                            to_fake_cuda)
 
     cfg = linear_probe.ProbeConfig(arch="resnet18", image_size=32, num_workers=0, batch_size=8)
     trunk, _, recipe = linear_probe.load_trunk(cfg)
+    if fast:
+        trunk = trunk.to(memory_format=torch.channels_last)
     loader = linear_probe.eval_loader(str(synthetic_shards), recipe, cfg)
+    options = {"bf16": fast, "channels_last": fast}
     mode = HostRealMode()
-    with mode:
+    with bf16_autocast_without_a_gpu(monkeypatch), mode:
         heads = to_fake_cuda(online_probe.StageHeads(RESNET18_DIMS, 10), mode)
         to_fake_cuda(trunk, mode)
         image, label = torch.zeros(8, 3, 32, 32, device=CUDA), torch.zeros(8, dtype=torch.int64, device=CUDA)
-        feats = linear_probe.stage_features(trunk, image, list(RESNET18_DIMS))
+        feats = online_probe.frozen_features(trunk, image, list(RESNET18_DIMS), **options)
         losses, hits = online_probe.head_losses(heads, feats, label, list(RESNET18_DIMS))
-        counts = online_probe.evaluate(trunk, heads, loader, recipe, CUDA)
-    assert_on_cuda(losses, hits, counts)
+        counts = online_probe.evaluate(trunk, heads, loader, recipe, CUDA, **options)
+    assert_on_cuda(losses, hits, counts, *feats.values())
+    assert all(f.dtype == torch.float32 for f in feats.values())
     assert losses.shape == hits.shape == (4,) and counts.shape == (4, 3) and counts.dtype == torch.int64
 
 
@@ -280,3 +287,49 @@ def test_available_memory_is_a_positive_byte_count_with_its_source():
     if available is None:
         pytest.skip("neither psutil nor /proc/meminfo here")
     assert available[0] > 0 and isinstance(available[0], int) and available[1]
+
+
+def test_the_trunk_forward_in_channels_last_and_bf16_gives_float32_features_near_the_float32_ones():
+    torch.manual_seed(0)
+    trunk, _, _ = linear_probe.load_trunk(linear_probe.ProbeConfig(arch="resnet18"))
+    image, layers = torch.randn(4, 3, 32, 32), list(RESNET18_DIMS)
+    plain = online_probe.frozen_features(trunk, image, layers)
+    nhwc = online_probe.frozen_features(trunk.to(memory_format=torch.channels_last), image, layers,
+                                        channels_last=True)
+    bf16 = online_probe.frozen_features(trunk, image, layers, bf16=True, channels_last=True)
+    for name in layers:
+        assert nhwc[name].dtype == bf16[name].dtype == torch.float32
+        torch.testing.assert_close(nhwc[name], plain[name], atol=1e-4, rtol=1e-4)
+        error = ((bf16[name] - plain[name]).norm() / plain[name].norm()).item()
+        assert 1e-4 < error < 3e-2, (name, error)  # bfloat16's 8 bits of mantissa, and only those
+
+
+def test_a_run_with_the_pretraining_forward_keeps_the_trunk_in_channels_last_and_says_so(synthetic_shards, tmp_path,
+                                                                                         monkeypatch):
+    loaded = {}
+
+    def load_and_keep(cfg):
+        trunk, arch, recipe = linear_probe.load_trunk(cfg)
+        loaded["trunk"] = trunk
+        return trunk, arch, recipe
+
+    calls = []
+    features = online_probe.frozen_features
+
+    def record_options(trunk, image, layers, **options):
+        calls.append(options)
+        return features(trunk, image, layers, **options)
+
+    monkeypatch.setattr(online_probe, "load_trunk", load_and_keep)
+    monkeypatch.setattr(online_probe, "frozen_features", record_options)
+    fast = ("--online_bf16=true", "--online_channels_last=true", "--online_max_steps=2")
+    result = linear_probe.main(online_args(synthetic_shards, tmp_path / "fast", *fast))
+    assert loaded["trunk"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    # 2 training steps, then the 30 test images in 4 batches: every trunk pass as pretraining runs it
+    assert calls == [{"bf16": True, "channels_last": True}] * (2 + 4)
+    assert (result["settings"]["bf16"], result["settings"]["channels_last"]) == (True, True)
+    plain = linear_probe.main(online_args(synthetic_shards, tmp_path / "plain", "--online_max_steps=2"))
+    assert (plain["settings"]["bf16"], plain["settings"]["channels_last"]) == (False, False)
+    assert result["num_test"] == plain["num_test"] == 30
+    # the same two steps on near-equal features: the heads' top-1 of 30 images agrees to within a few images
+    assert all(abs(result["per_layer"][k] - plain["per_layer"][k]) <= 100 * 3 / 30 for k in RESNET18_DIMS)

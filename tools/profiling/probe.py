@@ -7,9 +7,10 @@ same arch, image size, batch size, loader workers, backend, decode device, seed 
 calls a WallClock after every step; the timed steps are the same count of the same epoch positions on both sides,
 so both read the same number of images and the ratio of the rates is the inverse ratio of the wall times.
 
-What the online probe has no option for (the trunk's weights: it probes a random trunk of the same arch, which
-costs the same; the image view's crop and decoding fields other than the size; DALI's and FFCV's options; bf16
-and channels_last) it runs at its defaults: probe_differences lists the training config's departures from them.
+The trunk's forward follows run.bf16 and run.channels_last (the probe's online_bf16, online_channels_last). What
+the online probe has no option for (the trunk's weights: it probes a random trunk of the same arch, which costs the
+same; the image view's crop and decoding fields other than the size; DALI's and FFCV's options) it runs at its
+defaults: probe_differences lists the training config's departures from them.
 """
 
 import dataclasses
@@ -87,9 +88,6 @@ def probe_differences(cfg: PirlConfig) -> list[str]:
     for name in LOADER_FIELDS:
         if getattr(cfg.data, name) != getattr(plain_data, name):
             out.append(f"data.{name}={getattr(cfg.data, name)} (online probe: {getattr(plain_data, name)})")
-    for name in ("bf16", "channels_last"):
-        if getattr(cfg.run, name):
-            out.append(f"run.{name}=true (online probe: float32, NCHW)")
     return out
 
 
@@ -103,7 +101,8 @@ def probe_config(cfg: PirlConfig, test_shards: str, out_dir: str, max_steps: int
         image_size=cfg.data.recipe.image_size, backend=cfg.data.backend, decode_device=cfg.data.decode_device,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed, online_out_dir=out_dir,
         online_max_steps=max_steps, online_eval_every=plain.online_epochs, online_log_every=cfg.run.log_every,
-        online_ckpt_every=max(plain.online_ckpt_every, max_steps), online_tensorboard=False, online_cpu=cfg.run.cpu)
+        online_ckpt_every=max(plain.online_ckpt_every, max_steps), online_tensorboard=False, online_cpu=cfg.run.cpu,
+        online_bf16=cfg.run.bf16, online_channels_last=cfg.run.channels_last)
 
 
 def rates(clock: WallClock, images: int, steps: int) -> dict:
