@@ -54,7 +54,22 @@ def check_finite(sums: dict[str, float], first: int, last: int, out_dir: Path) -
         raise NonFiniteLoss(sums, first, last, out_dir)
 
 
-class LogWindow:
+class TimedWindow:
+    """The step count, wall time and data wait since the window (re)started; time spent in evaluations is left out
+    (paused()). The pretraining loop's LogWindow and the online probe's window build on it."""
+
+    def _restart(self) -> None:
+        self.steps, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The time spent inside is not counted as training time (the throughput and the data-wait share)."""
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start
+
+
+class LogWindow(TimedWindow):
     """The steps since the last log record: each term's sum of (this rank's batch mean x its share of the global
     batch), summed over the ranks when recorded, so a record holds global means; and the wall time and data wait
     of those steps. Time spent in evaluations is left out (paused())."""
@@ -69,7 +84,7 @@ class LogWindow:
 
     def _reset(self) -> None:
         self.sums = {k: 0.0 for k in self.sums}
-        self.steps, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+        self._restart()
 
     def add(self, losses: dict, share: float, waited: float) -> None:
         """One step's terms (losses[term]: this rank's values), its share of the global batch, and the seconds
@@ -108,13 +123,6 @@ class LogWindow:
         checkpoint, so that none holds NaN weights."""
         check_finite(window_sums(self.accelerator, self.sums, self.accelerator.device), step - self.steps + 1, step,
                      self.out_dir)
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """The time spent inside is not counted as training time (the throughput and the data-wait share)."""
-        start = time.perf_counter()
-        yield
-        self.start += time.perf_counter() - start
 
 
 class ProgressLine:

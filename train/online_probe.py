@@ -23,8 +23,11 @@ division), the hit counts summed over the ranks. The result has the cached probe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,11 +42,12 @@ from pirl_trainer.pipelines.augment import BatchAugment
 from pirl_trainer.pipelines.class_index import check_same_classes
 from pirl_trainer.pipelines.recipe import PirlRecipe
 from pirl_trainer.train import checkpoint
-from pirl_trainer.train.checkpoint import check_resume_data, load_resume_state
+from pirl_trainer.train.checkpoint import RunShape, check_resume_data, load_resume_state
 from pirl_trainer.train.config import ConfigError, to_dict, to_yaml
 from pirl_trainer.train.classifier_eval import topk_correct
 from pirl_trainer.train.linear_probe import (ProbeConfig, check_layers, eval_images, eval_loader, load_trunk,
                                              probe_result, report, stage_dims, stage_features)
+from pirl_trainer.train.log_window import TimedWindow
 from pirl_trainer.train.pirl import next_batch, to_device
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.run_log import RunLog
@@ -210,6 +214,160 @@ def percent(hits: torch.Tensor, total: torch.Tensor | float) -> list[float | Non
     return [100.0 * h / total if total else None for h in hits.tolist()]
 
 
+class ProbeWindow(TimedWindow):
+    """The steps since the last log record: each head's loss x this rank's share of the global batch (summed over
+    the ranks when recorded: global means), and the wall time and data wait of those steps; beside them the epoch's
+    running training hits per head and its image count (last entry), this rank's. Everything stays on the device
+    between records, so a plain step reads nothing back to the host; time spent scoring is left out (paused())."""
+
+    def __init__(self, layers: list[str], accelerator: Accelerator, run_log: RunLog | None, global_batch: int,
+                 train_counts: torch.Tensor | None = None):
+        self.layers, self.accelerator, self.run_log, self.global_batch = layers, accelerator, run_log, global_batch
+        self.train_counts = torch.zeros(len(layers) + 1, dtype=torch.int64, device=accelerator.device)
+        if train_counts is not None:  # a resumed run's: the sums over every rank, counted once (main process)
+            self.train_counts.copy_(train_counts)
+        self.loss = torch.zeros(len(layers), device=accelerator.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss.zero_()
+        self._restart()
+
+    def waited(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def new_epoch(self) -> None:
+        self.train_counts.zero_()
+
+    def add(self, losses: torch.Tensor, hits: torch.Tensor, share: float, images: int) -> None:
+        """One step: (L,) each head's loss and top-1 hits on this rank's batch of `images`, and its share."""
+        self.steps += 1
+        self.loss += losses.detach() * share
+        self.train_counts[:-1] += hits
+        self.train_counts[-1] += images
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        """The window's record (written to the run log on the main process), then a fresh window: one all-reduce
+        and one host sync."""
+        elapsed = time.perf_counter() - self.start
+        sums = self.accelerator.reduce(torch.cat([self.loss.double(), self.train_counts.double()]), "sum").cpu()
+        train_top1 = percent(sums[len(self.layers):-1], sums[-1])
+        record = {"step": step, "epoch": epoch, "lr": lr, "img_per_s": self.steps * self.global_batch / elapsed,
+                  "data_wait_frac": self.data_wait / elapsed,
+                  **{f"loss/{name}": v / self.steps for name, v in zip(self.layers, sums.tolist())},
+                  **{f"train_top1/{name}": v for name, v in zip(self.layers, train_top1)}}
+        if self.run_log is not None:
+            self.run_log.write(record)
+        self._reset()
+        return record
+
+    def global_counts(self) -> torch.Tensor:
+        """The epoch's running training counts summed over the ranks (a collective: every rank calls it)."""
+        return self.accelerator.reduce(self.train_counts.clone(), "sum")
+
+
+class ProbeProgress:
+    """The progress bar (main process) with the latest window's best training top-1 and throughput, and the latest
+    scoring's best test top-1."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.train: dict = {}
+        self.test: dict = {}
+
+    def show_train(self, record: dict) -> None:
+        best = max(v for k, v in record.items() if k.startswith("train_top1/"))
+        self.train = {"train": f"{best:.1f}%", "img_s": f"{record['img_per_s']:.1f}"}
+        self.bar.set_postfix({**self.train, **self.test})
+
+    def show_test(self, record: dict) -> None:
+        self.test = {"test": f"{max(v for k, v in record.items() if k.startswith('test_top1/')):.1f}%"}
+        self.bar.set_postfix({**self.train, **self.test})
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class ProbeParts:
+    """What an online probe trains and its checkpoint holds: the stage heads (not DDP-wrapped), their optimiser and
+    learning-rate schedule."""
+
+    heads: StageHeads
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def save_probe_state(accelerator: Accelerator, out_dir: Path, step: int, parts: ProbeParts, window: ProbeWindow,
+                     shape: RunShape, config: dict) -> None:
+    """Every rank calls it (the running training counts are summed over the ranks); the main process writes
+    checkpoint_path(out_dir, step)."""
+    counts = window.global_counts()
+    if accelerator.is_main_process:
+        checkpoint.save_atomic({
+            "heads": parts.heads.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "train_counts": counts.cpu(), "step": step,
+            "epoch": step // shape.steps_per_epoch, "step_in_epoch": step % shape.steps_per_epoch,
+            "world_size": shape.world_size, "global_batch": shape.global_batch, "num_samples": shape.num_samples,
+            "rng": checkpoint.rng_state(), "config": config,
+        }, checkpoint.checkpoint_path(out_dir, step))
+    accelerator.wait_for_everyone()
+
+
+def restore_probe_state(accelerator: Accelerator, resume: str, cfg: ProbeConfig, num_samples: int,
+                        parts: ProbeParts) -> tuple[int, torch.Tensor | None]:
+    """Loads --resume's checkpoint (after checking it probes the same trunk the same way on the same data) into
+    `parts` (before accelerator.prepare) and the global RNGs; returns (its step, the running training counts the
+    main process continues from; None on the others)."""
+    path, state = load_resume_state(resume, Path(cfg.online_out_dir))
+    if "heads" not in state:
+        raise ValueError(f"{path} is not an online probe checkpoint (no heads)")
+    check_resume_data(accelerator, path, state, cfg.train_shards, num_samples, cfg.batch_size, batch_key="batch_size")
+    for key in SAME_PROBE:
+        if state["config"].get(key, getattr(cfg, key)) != getattr(cfg, key):  # .get: keys added since
+            raise ValueError(f"{path} probed with {key}={state['config'][key]!r}, this run has "
+                             f"{key}={getattr(cfg, key)!r}")
+    parts.heads.load_state_dict(state["heads"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.restore_rng_state(state["rng"])
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state["step"], state["train_counts"] if accelerator.is_main_process else None
+
+
+def score_test_shards(trunk: nn.Module, heads: StageHeads, loader, recipe: PirlRecipe, accelerator: Accelerator,
+                      forward_options: dict, run_log: RunLog | None, step: int, epoch: int) -> dict:
+    """The test shards' top-1 and top-5 per head over every rank, logged (run_log on the main process). Leaves
+    the heads in eval mode."""
+    with record_function("evaluate"):
+        share_statistics(heads, accelerator)
+        counts = accelerator.reduce(evaluate(trunk, heads, loader, recipe, accelerator.device,
+                                             accelerator.is_main_process, **forward_options), "sum")
+    total, layers = int(counts[0, 2]), list(heads.heads)
+    record = {"step": step, "epoch": epoch, "num_test": total,
+              **{f"test_top1/{name}": v for name, v in zip(layers, percent(counts[:, 0], total))},
+              **{f"test_top5/{name}": v for name, v in zip(layers, percent(counts[:, 1], total))}}
+    if run_log is not None:
+        run_log.write(record)
+    return record
+
+
+def online_result(cfg: ProbeConfig, arch: str, recipe: PirlRecipe, test: dict, train_counts: torch.Tensor,
+                  num_train: int, num_classes: int, dims: dict[str, int], global_batch: int) -> dict:
+    """The result (linear_probe.probe_result's keys) from the last scoring's record and the last epoch's running
+    training counts summed over the ranks; `dims`: {stage: pooled dimension} of the probed stages, in order."""
+    layers = list(dims)
+    return probe_result(cfg, "online", arch, recipe.image_size, {name: test[f"test_top1/{name}"] for name in layers},
+                        {name: test[f"test_top5/{name}"] for name in layers},
+                        dict(zip(layers, percent(train_counts[:-1], train_counts[-1]))),  # the last epoch's running
+                        dict.fromkeys(layers, cfg.online_weight_decay), dict.fromkeys(layers), bn="running",
+                        num_train=num_train, num_test=test["num_test"], num_classes=num_classes, dims=dims,
+                        settings=online_settings(cfg, global_batch))
+
+
 def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> dict:
     """Trains the stage heads for online_epochs (or up to online_max_steps), scoring the test shards on the way;
     returns the result (linear_probe.probe_result's keys), or {} when stopped by SIGTERM before the end.
@@ -237,74 +395,28 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
                          "to size its classifiers")
     num_classes = len(train_loader.classes)
     dims = stage_dims(trunk, layers, recipe.image_size)
-    heads = StageHeads(dims, num_classes).to(device)
     augment = BatchAugment(recipe)  # its eval form: convert and normalise, no colour jitter
     steps_per_epoch = len(train_loader)
     total_steps = cfg.online_epochs * steps_per_epoch
     last_step = total_steps if cfg.online_max_steps < 0 else min(total_steps, cfg.online_max_steps)
     global_batch = cfg.batch_size * world
-    optimizer, scheduler = build_optimizer(cfg, heads.parameters(), steps_per_epoch, global_batch)
-    # this epoch's running training hits per head and its image count (last entry), this rank's
-    train_counts = torch.zeros(len(layers) + 1, dtype=torch.int64, device=device)
-
-    global_step = 0
+    shape = RunShape(steps_per_epoch, world, global_batch, train_loader.num_samples, train_loader.num_samples)
+    heads = StageHeads(dims, num_classes).to(device)
+    parts = ProbeParts(heads, *build_optimizer(cfg, heads.parameters(), steps_per_epoch, global_batch))
+    global_step, train_counts = 0, None
     if resume is not None:
-        path, state = load_resume_state(resume, out_dir)
-        if "heads" not in state:
-            raise ValueError(f"{path} is not an online probe checkpoint (no heads)")
-        check_resume_data(accelerator, path, state, cfg.train_shards, train_loader.num_samples, cfg.batch_size,
-                          batch_key="batch_size")
-        for key in SAME_PROBE:
-            if state["config"].get(key, getattr(cfg, key)) != getattr(cfg, key):  # .get: keys added since
-                raise ValueError(f"{path} probed with {key}={state['config'][key]!r}, this run has "
-                                 f"{key}={getattr(cfg, key)!r}")
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if main_process:  # the checkpoint holds the sums over every rank: counted once
-            train_counts.copy_(state["train_counts"])
-        global_step = state["step"]
-        checkpoint.restore_rng_state(state["rng"])
-        accelerator.print(f"resumed from {path} at step {global_step}")
-    heads, optimizer = accelerator.prepare(heads, optimizer)
-    plain_heads = accelerator.unwrap_model(heads)
+        global_step, train_counts = restore_probe_state(accelerator, resume, cfg, train_loader.num_samples, parts)
+    # heads: DDP-wrapped on several processes, for the training step; parts.heads: the module, scored and saved
+    heads, parts.optimizer = accelerator.prepare(parts.heads, parts.optimizer)
+    optimizer, scheduler = parts.optimizer, parts.scheduler
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
     run_log = RunLog(out_dir, cfg.online_tensorboard) if main_process else None
-
-    def save(step: int) -> None:
-        counts = accelerator.reduce(train_counts.clone(), "sum")  # collective: every rank calls it
-        if main_process:
-            checkpoint.save_atomic({
-                "heads": plain_heads.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "train_counts": counts.cpu(), "step": step,
-                "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch, "world_size": world,
-                "global_batch": global_batch, "num_samples": train_loader.num_samples,
-                "rng": checkpoint.rng_state(), "config": to_dict(cfg),
-            }, checkpoint.checkpoint_path(out_dir, step))
-        accelerator.wait_for_everyone()
-
-    def score(epoch: int) -> dict:
-        """The test shards' top-1 and top-5 per head, logged; the heads go back to training mode."""
-        with record_function("evaluate"):
-            share_statistics(plain_heads, accelerator)
-            counts = accelerator.reduce(evaluate(trunk, plain_heads, test_loader, recipe, device, main_process,
-                                                 **forward_options), "sum")
-        heads.train()
-        total = int(counts[0, 2])
-        record = {"step": global_step, "epoch": epoch, "num_test": total,
-                  **{f"test_top1/{name}": v for name, v in zip(layers, percent(counts[:, 0], total))},
-                  **{f"test_top5/{name}": v for name, v in zip(layers, percent(counts[:, 1], total))}}
-        if run_log is not None:
-            run_log.write(record)
-        return record
-
-    progress = tqdm(total=last_step, initial=global_step, disable=not main_process, unit="step", dynamic_ncols=True)
-    window_loss = torch.zeros(len(layers), device=device)  # sums of each head's loss x this rank's batch share
-    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
-    tested: dict = {}
-    shown: dict = {}
+    window = ProbeWindow(layers, accelerator, run_log, global_batch, train_counts)
+    score = functools.partial(score_test_shards, trunk, parts.heads, test_loader, recipe, accelerator,
+                              forward_options, run_log)
+    progress = ProbeProgress(last_step, global_step, main_process)
     last_test: dict = {"step": -1}  # the latest scoring's record
     start_epoch, start_in_epoch = divmod(global_step, steps_per_epoch)
     heads.train()
@@ -315,12 +427,12 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
                 break
             step_in_epoch = start_in_epoch if epoch == start_epoch else 0
             if step_in_epoch == 0:
-                train_counts.zero_()
+                window.new_epoch()
             train_loader.set_epoch(epoch, start_step=step_in_epoch)
             batches = iter(train_loader)
             while global_step < last_step:
                 batch, waited = next_batch(batches)
-                data_wait += waited  # the epoch's end included: the loader's workers winding down
+                window.waited(waited)  # the epoch's end included: the loader's workers winding down
                 if batch is None:
                     break
                 with record_function("to_device"):
@@ -344,57 +456,35 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
                     scheduler.step()
                 global_step += 1
                 step_in_epoch += 1
-                window_steps += 1
-                window_loss += losses.detach() * share
-                train_counts[:-1] += hits
-                train_counts[-1] += len(label)
+                window.add(losses, hits, share, len(label))
                 if global_step % cfg.online_log_every == 0 or global_step == last_step:
-                    elapsed = time.perf_counter() - window_start
-                    sums = accelerator.reduce(torch.cat([window_loss.double(), train_counts.double()]), "sum").cpu()
-                    train_top1 = percent(sums[len(layers):-1], sums[-1])
-                    record = {"step": global_step, "epoch": epoch, "lr": lr,
-                              "img_per_s": window_steps * global_batch / elapsed, "data_wait_frac": data_wait / elapsed,
-                              **{f"loss/{name}": v / window_steps for name, v in zip(layers, sums.tolist())},
-                              **{f"train_top1/{name}": v for name, v in zip(layers, train_top1)}}
-                    if run_log is not None:
-                        run_log.write(record)
-                    shown = {"train": f"{max(train_top1):.1f}%", "img_s": f"{record['img_per_s']:.1f}"}
-                    progress.set_postfix({**shown, **tested})
-                    window_loss.zero_()
-                    window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+                    progress.show_train(window.record(global_step, epoch, lr))
                 if step_in_epoch == steps_per_epoch and (epoch + 1) % cfg.online_eval_every == 0:
-                    eval_start = time.perf_counter()
-                    last_test = score(epoch)
-                    test_top1 = [v for k, v in last_test.items() if k.startswith("test_top1/")]
-                    tested = {"test": f"{max(test_top1):.1f}%"}
-                    progress.set_postfix({**shown, **tested})
-                    window_start += time.perf_counter() - eval_start  # not counted as training time
-                progress.update(1)
+                    with window.paused():  # not counted as training time
+                        last_test = score(global_step, epoch)
+                        heads.train()
+                    progress.show_test(last_test)
+                progress.update()
                 if profiler is not None:
                     profiler.step()
                 if stop.requested(accelerator, log_step=global_step % cfg.online_log_every == 0):
                     stopping = True
                     break
                 if global_step % cfg.online_ckpt_every == 0 and global_step != last_step:
-                    save(global_step)
+                    save_probe_state(accelerator, out_dir, global_step, parts, window, shape, to_dict(cfg))
     finally:
         stop.restore()
-    save(global_step)
+    save_probe_state(accelerator, out_dir, global_step, parts, window, shape, to_dict(cfg))
     progress.close()
     result: dict = {}
     if stopping:
         accelerator.print(f"stopped on {stop.signal_name or 'SIGTERM'} after step {global_step}: checkpoint "
                           f"{checkpoint.checkpoint_path(out_dir, global_step)} written; continue with --resume")
     else:
-        test = last_test if last_test["step"] == global_step else score(max(0, global_step - 1) // steps_per_epoch)
-        counts = accelerator.reduce(train_counts.clone(), "sum").cpu()
-        per_layer = {name: test[f"test_top1/{name}"] for name in layers}
-        per_layer_top5 = {name: test[f"test_top5/{name}"] for name in layers}
-        per_layer_train = dict(zip(layers, percent(counts[:-1], counts[-1])))  # the last epoch's running top-1
-        result = probe_result(cfg, "online", arch, recipe.image_size, per_layer, per_layer_top5, per_layer_train,
-                              dict.fromkeys(layers, cfg.online_weight_decay), dict.fromkeys(layers),
-                              bn="running", num_train=train_loader.num_samples, num_test=test["num_test"],
-                              num_classes=num_classes, dims=dims, settings=online_settings(cfg, global_batch))
+        if last_test["step"] != global_step:
+            last_test = score(global_step, max(0, global_step - 1) // steps_per_epoch)
+        result = online_result(cfg, arch, recipe, last_test, window.global_counts().cpu(), train_loader.num_samples,
+                               num_classes, dims, global_batch)
         if main_process:
             report(result, cfg.output or out_dir / "probe.json")
     if run_log is not None:

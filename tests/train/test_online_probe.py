@@ -3,6 +3,8 @@ frozen trunk, trained heads, its schedule, exact resume, exactly-once scoring ov
 keys; plus the cached probe's refusal of features that do not fit in memory."""
 import copy
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -333,3 +335,32 @@ def test_a_run_with_the_pretraining_forward_keeps_the_trunk_in_channels_last_and
     assert result["num_test"] == plain["num_test"] == 30
     # the same two steps on near-equal features: the heads' top-1 of 30 images agrees to within a few images
     assert all(abs(result["per_layer"][k] - plain["per_layer"][k]) <= 100 * 3 / 30 for k in RESNET18_DIMS)
+
+
+def test_sigterm_checkpoints_the_step_it_ends_and_resume_finishes_as_the_uninterrupted_run(synthetic_shards, tmp_path,
+                                                                                           capsys):
+    class TermAfterStep3:
+        steps = 0
+
+        def step(self):  # after every training step, as tools/profile.py's clock
+            self.steps += 1
+            if self.steps == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def config(out_dir):
+        return linear_probe.ProbeConfig(
+            mode="online", train_shards=str(synthetic_shards), test_shards=str(synthetic_shards), arch="resnet18",
+            image_size=32, num_workers=0, batch_size=8, online_epochs=2, online_log_every=1, online_ckpt_every=100,
+            online_tensorboard=False, online_cpu=True, online_out_dir=str(out_dir))
+
+    expected = online_probe.online_probe(config(tmp_path / "full"))
+    previous = signal.getsignal(signal.SIGTERM)
+    assert online_probe.online_probe(config(tmp_path / "stopped"), profiler=TermAfterStep3()) == {}
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler put back
+    assert "stopped on SIGTERM after step 3" in capsys.readouterr().out
+    saved = sorted(p.name for p in (tmp_path / "stopped" / checkpoint.CHECKPOINT_DIR).iterdir())
+    assert saved == [checkpoint.checkpoint_path(tmp_path, 3).name]  # the step it ended, not before
+    assert not (tmp_path / "stopped" / "probe.json").exists()
+    resumed = online_probe.online_probe(config(tmp_path / "stopped"), resume="latest")
+    assert resumed["per_layer"] == pytest.approx(expected["per_layer"], rel=1e-5)
+    assert resumed["per_layer_train"] == pytest.approx(expected["per_layer_train"], rel=1e-5)
