@@ -50,7 +50,7 @@ from pirl_trainer.train.linear_probe import (ProbeConfig, check_layers, eval_ima
 from pirl_trainer.train.log_window import TimedWindow
 from pirl_trainer.train.pirl import next_batch, to_device
 from pirl_trainer.train.preemption import StopOnSigterm
-from pirl_trainer.train.run_log import RunLog
+from pirl_trainer.train.run_log import RunLog, start_run_folder
 from pirl_trainer.train.schedule import scaled_lr, step_lr_factor
 
 GOYAL_EPOCHS = 28  # the schedule online_lr_milestones are quoted in: Goyal et al. 2019's 28 ImageNet epochs
@@ -409,10 +409,7 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
     # heads: DDP-wrapped on several processes, for the training step; parts.heads: the module, scored and saved
     heads, parts.optimizer = accelerator.prepare(parts.heads, parts.optimizer)
     optimizer, scheduler = parts.optimizer, parts.scheduler
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    run_log = RunLog(out_dir, cfg.online_tensorboard) if main_process else None
+    run_log = start_run_folder(out_dir, to_yaml(cfg), cfg.online_tensorboard, main_process)
     window = ProbeWindow(layers, accelerator, run_log, global_batch, train_counts)
     score = functools.partial(score_test_shards, trunk, parts.heads, test_loader, recipe, accelerator,
                               forward_options, run_log)
@@ -478,8 +475,7 @@ def online_probe(cfg: ProbeConfig, resume: str | None = None, profiler=None) -> 
     progress.close()
     result: dict = {}
     if stopping:
-        accelerator.print(f"stopped on {stop.signal_name or 'SIGTERM'} after step {global_step}: checkpoint "
-                          f"{checkpoint.checkpoint_path(out_dir, global_step)} written; continue with --resume")
+        accelerator.print(stop.stopped(global_step, checkpoint.checkpoint_path(out_dir, global_step)))
     else:
         if last_test["step"] != global_step:
             last_test = score(global_step, max(0, global_step - 1) // steps_per_epoch)

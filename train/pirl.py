@@ -38,7 +38,7 @@ from pirl_trainer.train.optimizers import build_optimizer
 from pirl_trainer.train.pair_methods import PAIR_METHODS, after_step, build_momentum_keys, pair_losses
 from pirl_trainer.train.preemption import StopOnSigterm
 from pirl_trainer.train.ranks import gather_rows, global_index, global_log_z
-from pirl_trainer.train.run_log import RunLog
+from pirl_trainer.train.run_log import RunLog, start_run_folder
 from pirl_trainer.train.schedule import lr_factor, scaled_lr, step_lr_factor
 from pirl_trainer.train.validation import BANK_DTYPES, check_config, check_negatives
 
@@ -276,15 +276,6 @@ def resume_run(cfg: PirlConfig, accelerator: Accelerator, resume: str, out_dir: 
     return step, log_z
 
 
-def start_run_folder(cfg: PirlConfig, out_dir: Path, accelerator: Accelerator) -> RunLog | None:
-    """The main process writes the resolved config into run.out_dir and opens its run log; None on the others."""
-    if not accelerator.is_main_process:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    return RunLog(out_dir, cfg.run.tensorboard)
-
-
 def knn_evaluation(knn: KnnMonitor | None, accelerator: Accelerator, net, step: int, epoch: int,
                    run_log: RunLog | None, progress: ProgressLine) -> None:
     """knn.*: the main process scores the trunk (logged, and kept in the progress line); the others wait."""
@@ -348,7 +339,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     net, optimizer = accelerator.prepare(net, optimizer)  # parts keeps the unwrapped network: what is saved
     log_z = log_z.to(device)
     need_log_z = cfg.loss.kind == "nce" and bool(torch.isnan(log_z))
-    run_log = start_run_folder(cfg, out_dir, accelerator)
+    run_log = start_run_folder(out_dir, to_yaml(cfg), cfg.run.tensorboard, accelerator.is_main_process)
 
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = total_steps if cfg.run.max_steps < 0 else min(total_steps, cfg.run.max_steps)
@@ -419,8 +410,7 @@ def train(cfg: PirlConfig, resume: str | None = None, profiler=None) -> dict:
     if run_log is not None:
         run_log.close()
     if stopping:
-        accelerator.print(f"stopped on {stop.signal_name or 'SIGTERM'} after step {global_step}: checkpoint "
-                          f"{checkpoint.checkpoint_path(out_dir, global_step)} written; continue with --resume")
+        accelerator.print(stop.stopped(global_step, checkpoint.checkpoint_path(out_dir, global_step)))
     else:
         accelerator.print(f"done: step {global_step}, checkpoint {checkpoint.checkpoint_path(out_dir, global_step)}")
     accelerator.end_training()

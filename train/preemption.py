@@ -8,6 +8,7 @@ within run.log_every steps of the signal; one process stops after the current st
 
 import signal
 import threading
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -29,6 +30,11 @@ class StopOnSigterm:
 
     def _record(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+
+    def stopped(self, step: int, checkpoint: Path) -> str:
+        """What a run says when it stopped on the signal: the step and the checkpoint that --resume continues from."""
+        return (f"stopped on {self.signal_name or 'SIGTERM'} after step {step}: checkpoint {checkpoint} written; "
+                "continue with --resume")
 
     def requested(self, accelerator: Accelerator, log_step: bool) -> bool:
         """Whether every rank should stop after this step."""

@@ -30,6 +30,16 @@ class RunLog:
             self._tb.close()
 
 
+def start_run_folder(out_dir: Path, config_yaml: str, tensorboard: bool, main_process: bool) -> RunLog | None:
+    """The main process writes the run's resolved config (config.yaml) into out_dir and opens its run log; None
+    on the other processes. Shared by pretraining (run.out_dir) and the online probe (online_out_dir)."""
+    if not main_process:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config_yaml)
+    return RunLog(out_dir, tensorboard)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
