@@ -79,6 +79,8 @@ def check_method(cfg: PirlConfig) -> None:
     for method, key in (("simclr", "simclr_tau"), ("moco", "moco_tau")):
         if cfg.method == method and not getattr(cfg.loss, key) > 0:
             raise ConfigError(f"loss.{key} must be > 0, got {getattr(cfg.loss, key)}")
+    if cfg.method == "moco" and not 0.0 <= cfg.loss.moco_momentum < 1.0:
+        raise ConfigError(f"loss.moco_momentum must be in [0, 1), got {cfg.loss.moco_momentum}")
     if cfg.eval.test_shards and cfg.method != "supervised":
         raise ConfigError(f"eval.test_shards scores method=supervised's classifier; method={cfg.method} has none "
                           "(its trunk: knn.* while training, train/linear_probe.py after)")

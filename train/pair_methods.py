@@ -142,8 +142,6 @@ def build_momentum_keys(cfg: PirlConfig, net, accelerator: Accelerator, loader) 
         raise ConfigError(f"loss.moco_queue_size={cfg.loss.moco_queue_size} exceeds the {loader.num_samples} samples "
                           f"of {cfg.data.shards}: set it below that (e.g. --loss.moco_queue_size="
                           f"{2 ** int(math.log2(max(1, loader.num_samples // 2)))})")
-    if not 0.0 <= cfg.loss.moco_momentum < 1.0:
-        raise ConfigError(f"loss.moco_momentum must be in [0, 1), got {cfg.loss.moco_momentum}")
     encoder = MoCoNet(cfg.model.arch, cfg.model.embed_dim)
     keys = MomentumKeys(encoder, net, cfg.loss.moco_queue_size, cfg.model.embed_dim, cfg.loss.moco_momentum)
     keys = keys.to(accelerator.device)
