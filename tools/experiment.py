@@ -70,8 +70,9 @@ def probe_protocols(trunk_args: Sequence[str], train: Path | str, test: Path | s
     settings = linear_probe.probe_settings(linear_probe.ProbeConfig())
     for protocol, precise in PROTOCOLS.items():
         path = output(protocol)
-        if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-            results[protocol] = json.loads(path.read_text())
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        if earlier.get("settings") == settings:
+            results[protocol] = earlier
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         args = [*trunk_args, f"--train_shards={train}", f"--test_shards={test}", f"--output={path}",
